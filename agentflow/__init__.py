@@ -1,0 +1,1 @@
+"""The four-agent system (Planner, Executor, Verifier, Generator) over an evolving memory."""

@@ -1,0 +1,1 @@
+"""Micro-benchmarks and step/scale benchmarks. Imports everything; nothing imports it."""

@@ -1,0 +1,154 @@
+"""`flowgrpo make-tiny`: a locally built tokenizer and a randomly initialised Qwen2 causal LM.
+
+No network: the tokenizer is a byte-level BPE trained on `engine/assets/tokenizer_corpus.txt`
+(shipped in the repository) with the special tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`
+and a ChatML chat template; the model is `Qwen2ForCausalLM` with random weights, saved as an HF
+directory with safetensors. It loads with `transformers.AutoModelForCausalLM.from_pretrained` and
+with `vllm.LLM(model=DIR)`. head_dim is at least 64 because vLLM's CPU attention rejects 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+CORPUS = Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Size of the tiny model. head_dim = hidden / heads must be >= 64 (vLLM CPU attention)."""
+
+    vocab_size: int = 2000
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 1
+    intermediate: int = 352
+    max_position: int = 4096
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    seed: int = 0
+    extra_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.hidden // self.heads < 64:
+            raise ValueError(
+                f"head_dim = hidden / heads = {self.hidden // self.heads} < 64: vLLM's CPU attention rejects it; "
+                f"raise --hidden or lower --heads"
+            )
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+
+
+def build_tokenizer(vocab_size: int, extra_tokens: tuple[str, ...] = ()):
+    """Train a byte-level BPE on the shipped corpus; returns a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    """Build tokenizer + random Qwen2 model into `out_dir` (created; existing files are overwritten)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(cfg.vocab_size, cfg.extra_tokens)
+    vocab = len(tok)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.hidden // cfg.heads,
+        max_position_embeddings=cfg.max_position,
+        tie_word_embeddings=cfg.tie_embeddings,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Qwen2ForCausalLM(config).to(DTYPES[cfg.dtype])
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "flowgrpo_tiny.json").write_text(json.dumps({**asdict(cfg), "actual_vocab_size": vocab}, indent=2) + "\n")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TinyConfig()
+    p.add_argument("out_dir", help="directory to write the HF model and tokenizer into")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size target")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--intermediate", type=int, default=d.intermediate)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-tie", action="store_true", help="separate LM head instead of tied embeddings")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = TinyConfig(
+        vocab_size=args.vocab_size,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        dtype=args.dtype,
+        seed=args.seed,
+        tie_embeddings=not args.no_tie,
+    )
+    out = make_tiny(args.out_dir, cfg)
+    meta = json.loads((out / "flowgrpo_tiny.json").read_text())
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    print(f"wrote {out}: Qwen2 {cfg.layers}L d={cfg.hidden} heads={cfg.heads}/{cfg.kv_heads} vocab={meta['actual_vocab_size']} "
+          f"{n_params / 1e6:.2f}M params {cfg.dtype}")
+    return 0
