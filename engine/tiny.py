@@ -149,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
     meta = json.loads((out / "flowgrpo_tiny.json").read_text())
     with safe_open(out / "model.safetensors", framework="pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-    print(f"wrote {out}: Qwen2 {cfg.layers}L d={cfg.hidden} heads={cfg.heads}/{cfg.kv_heads} vocab={meta['actual_vocab_size']} "
-          f"{n_params / 1e6:.2f}M params {cfg.dtype}")
+    print(
+        f"wrote {out}: Qwen2 {cfg.layers}L d={cfg.hidden} heads={cfg.heads}/{cfg.kv_heads} vocab={meta['actual_vocab_size']} "
+        f"{n_params / 1e6:.2f}M params {cfg.dtype}"
+    )
     return 0

@@ -53,7 +53,9 @@ def token_logprobs(
     return logp, entropy
 
 
-def aggregation_weights(loss_mask: torch.Tensor, cu_seqlens: torch.Tensor | None, loss_agg: str) -> tuple[torch.Tensor, int]:
+def aggregation_weights(
+    loss_mask: torch.Tensor, cu_seqlens: torch.Tensor | None, loss_agg: str
+) -> tuple[torch.Tensor, int]:
     """Per-token weights w [N] (float32) with loss = sum(w * loss_t), and the number of counted sequences."""
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
@@ -151,7 +153,9 @@ def flow_grpo_loss(
     return LossOutput(loss=loss, metrics=loss_metrics(loss_mask, t, entropy, num_seqs))
 
 
-def loss_metrics(loss_mask: torch.Tensor, terms: dict[str, torch.Tensor], entropy: torch.Tensor, num_seqs: int) -> dict[str, float]:
+def loss_metrics(
+    loss_mask: torch.Tensor, terms: dict[str, torch.Tensor], entropy: torch.Tensor, num_seqs: int
+) -> dict[str, float]:
     """Token means over masked tokens of the per-token terms (all 0 when nothing is masked)."""
     m = loss_mask.to(torch.bool)
     count = int(m.sum().item())
@@ -185,7 +189,9 @@ def linear_token_logprobs(
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` on materialised logits `hidden @ weight.T + bias` (matmul in the input dtype)."""
-    return token_logprobs(F.linear(hidden, weight, bias), targets, temperature=temperature, return_entropy=return_entropy)
+    return token_logprobs(
+        F.linear(hidden, weight, bias), targets, temperature=temperature, return_entropy=return_entropy
+    )
 
 
 def linear_flow_grpo_loss(

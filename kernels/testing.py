@@ -38,7 +38,14 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
         raise ValueError(f"no tolerance defined for {dtype}; add one to kernels/testing.py") from None
 
 
-def assert_close(actual: torch.Tensor | float, expected: torch.Tensor | float, *, dtype: torch.dtype, name: str = "value", scale: float = 1.0) -> None:
+def assert_close(
+    actual: torch.Tensor | float,
+    expected: torch.Tensor | float,
+    *,
+    dtype: torch.dtype,
+    name: str = "value",
+    scale: float = 1.0,
+) -> None:
     """Compare `actual` to a (float64) `expected` with the tolerance of the input `dtype`.
 
     NaN anywhere in `actual` fails, even where `expected` is NaN too: golds here are finite.
@@ -56,4 +63,8 @@ def assert_close(actual: torch.Tensor | float, expected: torch.Tensor | float, *
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference, in float64; for reports and benchmark gates."""
-    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item() if actual.numel() else 0.0
+    return (
+        (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
+        if actual.numel()
+        else 0.0
+    )

@@ -15,7 +15,9 @@ import torch
 _POISON: float | None = None
 
 
-def output_buffer(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def output_buffer(
+    shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """`torch.empty` for tensors a kernel fills; NaN-filled (or -1 for integers) under `poisoned_outputs`."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if _POISON is not None:

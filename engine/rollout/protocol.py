@@ -29,6 +29,9 @@ class SamplingConfig:
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    # Constrained decoding: sample only among these token ids (the rest get probability 0, and the
+    # reported log-probs are those of the renormalised distribution). None = whole vocabulary.
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +40,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must be None (whole vocabulary) or non-empty")
 
 
 @dataclass
