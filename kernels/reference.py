@@ -44,8 +44,11 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """float32 [N] log-probs of `targets` under softmax(logits / T); with entropy [N] when asked."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    """float32 [N] log-probs of `targets` under softmax(logits / T); with entropy [N] when asked.
+
+    Half-precision and float32 logits are computed in float32; float64 logits stay float64 (a gold).
+    """
+    logp_all = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp

@@ -8,9 +8,12 @@ another scale passes `scale`, and a looser comparison names its reason where it 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass(frozen=True)
@@ -68,3 +71,48 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         if actual.numel()
         else 0.0
     )
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Peak live bytes of the tensor storages that aten ops create inside the block (any device).
+
+    A storage counts from the op that returns it (and does not take it as an input: views and in-place
+    results are not new memory) until it is freed. Scratch memory an op allocates and frees inside
+    itself is invisible, so this is a lower bound on the allocator's peak; on CUDA prefer
+    `torch.cuda.max_memory_allocated`. Used by the torch-path memory tests and by bench on CPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.largest_bytes = 0
+        self._tracked: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            id(t.untyped_storage())
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in inputs and key not in self._tracked:
+                    self._track(storage, key)
+        return out
+
+    def _track(self, storage: torch.UntypedStorage, key: int) -> None:
+        nbytes = storage.nbytes()
+        self._tracked.add(key)
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.largest_bytes = max(self.largest_bytes, nbytes)
+        weakref.finalize(storage, self._release, key, nbytes)
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live_bytes -= nbytes
