@@ -1,0 +1,303 @@
+"""The four agents: prompts, output formats and parsers, LLM-backed and rule-based variants.
+
+Every agent works on a batch (the live trajectories of one loop step) and makes at most one
+`generate` call per batch. Only the planner is trained; its output format is deliberately short:
+
+    Tool: <tool name>
+    Sub-goal: <what this step should achieve; may continue on further lines>
+
+A planner response is a valid action iff it ended with a stop token (not cut at max_new_tokens)
+and, after stripping surrounding whitespace, its first line is `Tool: NAME` with NAME exactly one
+of the offered tool names and its second line starts `Sub-goal:` followed by non-empty text.
+Anything else is an invalid action: recorded as a turn with the reason, never an exception.
+
+Variants (chosen by `AgentConfig.executor/verifier/generator`; "llm" is the default):
+
+- executor "llm": asks the engine for `Command: <command>` given the tool, its command format, the
+  sub-goal and the memory; no `Command:` in the reply is a tool error in memory. "rule": the
+  tool's own `command_from(sub_goal, query)` (calculator: the longest arithmetic expression in the
+  sub-goal, else in the query; python: the fenced code or the sub-goal text; search and
+  base_generator: the sub-goal text). Deterministic, no LLM.
+- verifier "llm": asks for one word, STOP or CONTINUE; parsed robustly (a first line that is one of
+  the two words, optionally after `Verdict:`, wins; else the one word of the two that occurs; both
+  or neither means CONTINUE). "rule": STOP iff the last step was a valid action whose tool succeeded.
+- generator "llm": asks for the final answer inside `<answer>...</answer>`; the answer is the
+  last tagged span (an unterminated final `<answer>` counts); no tag means no answer (reward 0).
+  "rule": `<answer>` + the last line of the last successful tool result + `</answer>`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agentflow.chat import chat_ids, stop_ids
+from agentflow.memory import Memory
+from agentflow.tools.base import Tool
+from engine.rollout.protocol import Generation, RolloutEngine, SamplingConfig
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class PlannerAction:
+    valid: bool
+    tool: str = ""
+    sub_goal: str = ""
+    error: str = ""
+
+
+def parse_planner(text: str, finish_reason: str, tool_names: Sequence[str]) -> PlannerAction:
+    """Parse one planner response (see the module docstring for the format)."""
+    if finish_reason != "stop":
+        return PlannerAction(False, error="no end-of-turn token before the token limit")
+    lines = text.strip().split("\n")
+    first = lines[0].rstrip()
+    if not first.startswith("Tool:"):
+        return PlannerAction(False, error=f"expected 'Tool: <name>' on the first line, got {first[:60]!r}")
+    tool = first[len("Tool:") :].strip()
+    if not tool or len(tool.split()) != 1:
+        return PlannerAction(False, error=f"expected exactly one tool name after 'Tool:', got {tool[:60]!r}")
+    if tool not in tool_names:
+        return PlannerAction(False, error=f"unknown tool {tool[:40]!r}; choose one of {', '.join(tool_names)}")
+    if len(lines) < 2 or not lines[1].startswith("Sub-goal:"):
+        return PlannerAction(False, tool=tool, error="expected 'Sub-goal: <text>' on the second line")
+    sub_goal = "\n".join([lines[1][len("Sub-goal:") :], *lines[2:]]).strip()
+    if not sub_goal:
+        return PlannerAction(False, tool=tool, error="empty sub-goal")
+    return PlannerAction(True, tool=tool, sub_goal=sub_goal)
+
+
+_VERDICT = re.compile(r"\b(STOP|CONTINUE)\b", re.I)
+
+
+def parse_verdict(text: str) -> str:
+    """STOP or CONTINUE from a verifier reply; anything unclear is CONTINUE."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if lines:
+        first = re.sub(r"^(verdict|answer|decision)\s*:\s*", "", lines[0], flags=re.I).strip(" .!*`'\"").upper()
+        if first in ("STOP", "CONTINUE"):
+            return first
+    found = {w.upper() for w in _VERDICT.findall(text)}
+    return found.pop() if len(found) == 1 else "CONTINUE"
+
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def parse_answer(text: str) -> str | None:
+    """The text of the last `<answer>...</answer>` (or of an unterminated final `<answer>`), else None."""
+    spans = _ANSWER.findall(text)
+    if spans:
+        ans = spans[-1].strip()
+    elif "<answer>" in text:
+        ans = text.rsplit("<answer>", 1)[1].strip()
+    else:
+        return None
+    return ans or None
+
+
+def parse_command(text: str) -> str | None:
+    """The executor's command: everything after the first `Command:`, code fences removed."""
+    idx = text.find("Command:")
+    if idx < 0:
+        return None
+    cmd = text[idx + len("Command:") :].strip()
+    fence = re.fullmatch(r"```[a-zA-Z]*\n?(.*?)\n?```", cmd, re.S)
+    if fence:
+        cmd = fence.group(1).strip("\n")
+    return cmd or None
+
+
+class Caller:
+    """Makes the engine calls of one phase and counts them (calls, prompts, tokens)."""
+
+    def __init__(self, engine: RolloutEngine, phase: str, counters: dict[str, float]) -> None:
+        self.engine = engine
+        self.phase = phase
+        self.counters = counters
+        self.stop = stop_ids(engine.tokenizer)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def sampling(
+        self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None, **kw: Any
+    ) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=self.stop, seed=seed, **kw
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        gens = self.engine.generate(prompts, sampling)
+        if len(gens) != len(prompts):
+            raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts")
+        c, p = self.counters, self.phase
+        c[f"{p}_calls"] = c.get(f"{p}_calls", 0) + 1
+        c[f"{p}_prompts"] = c.get(f"{p}_prompts", 0) + len(prompts)
+        c[f"{p}_prompt_tokens"] = c.get(f"{p}_prompt_tokens", 0) + sum(map(len, prompts))
+        c[f"{p}_response_tokens"] = c.get(f"{p}_response_tokens", 0) + sum(len(g.token_ids) for g in gens)
+        return gens
+
+    def fit(
+        self, build: Callable[[int], Messages], num_steps: int, budget: int, max_new_tokens: int
+    ) -> list[int] | None:
+        """Prompt ids of `build(skip)` for the smallest `skip` whose prompt + response fit `budget`."""
+        for skip in range(num_steps + 1):
+            ids = chat_ids(self.tokenizer, build(skip))
+            if len(ids) + max_new_tokens <= budget:
+                return ids
+        return None
+
+
+def tool_menu(tools: Sequence[Tool]) -> str:
+    return "\n".join(f"- {t.name}: {t.description}" for t in tools)
+
+
+PLANNER_SYSTEM = (
+    "You are the planner. Choose the next step for answering the query.\n"
+    "Tools:\n{tools}\n"
+    "Reply with exactly two lines:\nTool: <tool name>\nSub-goal: <what this step should find or compute>"
+)
+
+
+class Planner:
+    """The trained policy. `prompt_ids` renders memory with the chat template; no truncation (a
+    prompt over the context budget ends the trajectory instead, see the loop)."""
+
+    def __init__(self, caller: Caller, tools: Sequence[Tool]) -> None:
+        self.caller = caller
+        self.tools = list(tools)
+        self.system = PLANNER_SYSTEM.format(tools=tool_menu(self.tools))
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.name for t in self.tools]
+
+    def messages(self, memory: Memory) -> Messages:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": memory.render()}]
+
+    def prompt_ids(self, memory: Memory) -> list[int]:
+        return chat_ids(self.caller.tokenizer, self.messages(memory))
+
+
+EXECUTOR_SYSTEM = (
+    "You are the executor. Write the one command that carries out the sub-goal with the given tool.\n"
+    "Reply as:\nCommand: <command>"
+)
+
+
+class LLMExecutor:
+    def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
+        self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
+
+    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
+        """(command, error) per (memory, tool, sub_goal); error is "" when a command was produced."""
+        out: list[tuple[str, str]] = [("", "executor prompt does not fit the context budget")] * len(items)
+        todo, prompts = [], []
+        for i, (mem, tool, sub_goal) in enumerate(items):
+
+            def build(skip: int, mem: Memory = mem, tool: Tool = tool, sub_goal: str = sub_goal) -> Messages:
+                user = (
+                    f"{mem.render(skip)}\n\nTool: {tool.name} ({tool.description})\n"
+                    f"Command format: {tool.command_format}\nSub-goal: {sub_goal}"
+                )
+                return [{"role": "system", "content": EXECUTOR_SYSTEM}, {"role": "user", "content": user}]
+
+            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
+            if ids is not None:
+                todo.append(i)
+                prompts.append(ids)
+        if prompts:
+            gens = self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))
+            for i, g in zip(todo, gens):
+                cmd = parse_command(g.text)
+                out[i] = (cmd, "") if cmd is not None else ("", "no 'Command: ...' line in the executor's output")
+        return out
+
+
+class RuleExecutor:
+    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
+        out = []
+        for mem, tool, sub_goal in items:
+            cmd = tool.command_from(sub_goal, mem.query)
+            out.append((cmd, "") if cmd.strip() else ("", "the rule executor found no command in the sub-goal"))
+        return out
+
+
+VERIFIER_SYSTEM = (
+    "You are the verifier. Decide whether the memory already contains the answer to the query.\n"
+    "Reply with one word: STOP if it does, CONTINUE if more steps are needed."
+)
+
+
+class LLMVerifier:
+    def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
+        self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
+
+    def decide(self, memories: Sequence[Memory], seed: int | None) -> list[str]:
+        out = ["CONTINUE"] * len(memories)
+        todo, prompts = [], []
+        for i, mem in enumerate(memories):
+
+            def build(skip: int, mem: Memory = mem) -> Messages:
+                return [{"role": "system", "content": VERIFIER_SYSTEM}, {"role": "user", "content": mem.render(skip)}]
+
+            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
+            if ids is not None:
+                todo.append(i)
+                prompts.append(ids)
+        if prompts:
+            for i, g in zip(todo, self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))):
+                out[i] = parse_verdict(g.text)
+        return out
+
+
+class RuleVerifier:
+    def decide(self, memories: Sequence[Memory], seed: int | None) -> list[str]:
+        return ["STOP" if m.steps and m.steps[-1].valid and m.steps[-1].ok else "CONTINUE" for m in memories]
+
+
+GENERATOR_SYSTEM = (
+    "You are the generator. Using the memory, write the final answer to the query "
+    "inside <answer></answer> tags, for example <answer>42</answer>."
+)
+
+
+class LLMGenerator:
+    def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
+        self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
+
+    def answers(self, memories: Sequence[Memory], seed: int | None) -> list[tuple[str, str | None]]:
+        """(raw output, parsed answer) per memory."""
+        out: list[tuple[str, str | None]] = [("", None)] * len(memories)
+        todo, prompts = [], []
+        for i, mem in enumerate(memories):
+
+            def build(skip: int, mem: Memory = mem) -> Messages:
+                return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": mem.render(skip)}]
+
+            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
+            if ids is not None:
+                todo.append(i)
+                prompts.append(ids)
+        if prompts:
+            for i, g in zip(todo, self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))):
+                out[i] = (g.text, parse_answer(g.text))
+        return out
+
+
+class RuleGenerator:
+    def answers(self, memories: Sequence[Memory], seed: int | None) -> list[tuple[str, str | None]]:
+        out: list[tuple[str, str | None]] = []
+        for m in memories:
+            last = next((s for s in reversed(m.steps) if s.valid and s.ok), None)
+            lines = [ln.strip() for ln in last.result.splitlines() if ln.strip()] if last else []
+            if lines:
+                out.append((f"<answer>{lines[-1]}</answer>", lines[-1]))
+            else:
+                out.append(("", None))
+        return out

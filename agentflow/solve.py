@@ -1,0 +1,140 @@
+"""`flowgrpo solve`: run the four-agent loop on a task set and write the trajectories as JSON.
+
+    flowgrpo solve --model DIR --task arithmetic --num-queries 4 --group-size 4 --json OUT.json
+
+The JSON file is a list of trajectories (`query_id`, `group_index`, `query`, `gold`, `answer`,
+`reward`, `stop_reason`, `turns` with `prompt_ids`, `response_ids`, `response_logprobs`, `valid`,
+`tool`, `sub_goal`, `command`, `tool_result`, and the full `memory`), written atomically (temporary
+file + rename). A short summary (success rate, turns per trajectory, tokens, time per phase) goes
+to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agentflow.loop import AGENT_MODES, AgentConfig, RolloutResult, rollout
+from agentflow.tasks import TASKS, load_jsonl, load_task
+from agentflow.tools import TOOL_NAMES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = AgentConfig()
+    p.add_argument("--model", required=True, help="local HF model directory (e.g. from `flowgrpo make-tiny`)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--task", choices=sorted(TASKS), default="arithmetic", help="built-in task set (default arithmetic)"
+    )
+    src.add_argument("--data", help='JSONL file of {"question", "answer"} objects instead of a built-in task')
+    p.add_argument("--num-queries", type=int, default=4, help="queries to run (the first N of --data)")
+    p.add_argument("--group-size", type=int, default=4, help="trajectories per query (G)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the task generator and the sampling")
+    p.add_argument("--max-turns", type=int, default=d.max_turns)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="planner sampling temperature")
+    p.add_argument("--planner-max-new-tokens", type=int, default=d.planner_max_new_tokens)
+    p.add_argument(
+        "--context-budget", type=int, default=d.context_budget, help="tokens per engine call (prompt + response)"
+    )
+    for role in ("executor", "verifier", "generator"):
+        p.add_argument(
+            f"--{role}", choices=AGENT_MODES, default=getattr(d, role), help=f"{role}: LLM-backed or rule-based"
+        )
+    p.add_argument(
+        "--judge", choices=AGENT_MODES, default=d.judge, help="rule-based judge of the task, or an LLM judge"
+    )
+    p.add_argument("--tools", default=",".join(d.tools), help=f"comma-separated subset of {','.join(TOOL_NAMES)}")
+    p.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="embedded engine device (default: cuda if available, else cpu)")
+    p.add_argument("--json", dest="json_out", help="write the trajectories to this file")
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    if args.engine == "vllm":
+        try:
+            from engine.rollout.vllm_engine import VLLMEngine
+        except ImportError as e:
+            raise RuntimeError(f"the vLLM engine is unavailable ({e}); install vLLM or use --engine embedded") from e
+        return VLLMEngine.from_pretrained(args.model, dtype=args.dtype, seed=args.seed)
+    import torch
+
+    from engine.rollout.embedded import EmbeddedEngine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return EmbeddedEngine.from_pretrained(args.model, dtype=args.dtype, device=device)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_summary(result: RolloutResult, args: argparse.Namespace) -> str:
+    s = result.summary()
+    c = s["counters"]
+    t = s["timings_s"]
+    phases = "  ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
+    calls = "  ".join(
+        f"{p} {int(c.get(f'{p}_calls', 0))}" for p in ("planner", "executor", "verifier", "generator", "judge")
+    )
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items()))
+    return "\n".join(
+        [
+            f"solve: {s['trajectories']} trajectories ({args.num_queries} queries x G={args.group_size}), engine {args.engine}",
+            f"success rate {s['success_rate']:.3f}   turns/trajectory {s['turns_per_trajectory']:.2f}   "
+            f"invalid actions {s['invalid_action_rate']:.1%}   loop steps {s['loop_steps']}",
+            f"planner tokens: prompt {s['planner_prompt_tokens']}  response {s['planner_response_tokens']}",
+            f"stop reasons: {reasons}",
+            f"generate calls: {calls}",
+            f"time: total {t['total']:.2f}s  {phases}",
+        ]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.num_queries < 1 or args.group_size < 1:
+            raise ValueError("--num-queries and --group-size must be >= 1")
+        if args.data:
+            queries = load_jsonl(args.data)[: args.num_queries]
+        else:
+            queries = load_task(args.task, args.num_queries, args.seed)
+        config = AgentConfig(
+            max_turns=args.max_turns,
+            temperature=args.temperature,
+            planner_max_new_tokens=args.planner_max_new_tokens,
+            context_budget=args.context_budget,
+            executor=args.executor,
+            verifier=args.verifier,
+            generator=args.generator,
+            judge=args.judge,
+            tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
+        )
+        engine = _engine(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"flowgrpo solve: error: {e}", file=sys.stderr)
+        return 2
+    result = rollout(engine, queries, args.group_size, config, seed=args.seed)
+    if args.json_out:
+        write_json_atomic(args.json_out, [tr.to_dict() for tr in result.trajectories])
+    print(format_summary(result, args))
+    if args.json_out:
+        print(f"wrote {len(result.trajectories)} trajectories to {args.json_out}")
+    return 0
