@@ -1,0 +1,245 @@
+"""The planner model: loading from a local HF directory, architecture presets, and the packed forward.
+
+- `load_planner(path, dtype=, device=)` loads a causal LM from a local Hugging Face directory
+  (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
+  needed; the host copy is already in `dtype`), with the packed-aware attention of
+  `engine.attention` switched on (it behaves as `sdpa` for ordinary, non-packed calls).
+- `qwen2_5_1_5b_config()` / `qwen2_5_7b_config()` are the Qwen2.5 architectures (`PRESETS` by name);
+  `build_random_model(config, dtype=, device=)` creates one with random weights directly on the
+  target device in the target dtype: the module tree is built on the meta device, cast, then
+  materialised with `to_empty` and initialised in place, so 7B never exists in float32 on the host.
+- `hidden_states(model, mb)` runs the decoder body (`model.base_model`, i.e. `model.model`, final
+  norm included) on a packed `MicroBatch` and returns [T, d]; the LM head is not applied
+  (`lm_head_weight` gives it to the fused linear loss, which only ever sees the response rows).
+- `forward_flops` / `flops_per_token` count model FLOPs for MFU (matmuls only, causal attention
+  counted once, LM head only where it is applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from engine.attention import enable_packed_attention
+from engine.packing import MicroBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The directory as a Path if it holds an HF model (config.json + safetensors); else a clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model directory {p} does not exist; pass a local Hugging Face model directory "
+            f"(or build a tiny one with `flowgrpo make-tiny {p}`)"
+        )
+    if not p.is_dir():
+        raise NotADirectoryError(f"model path {p} is a file; pass the directory holding config.json and *.safetensors")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {p} has no config.json; it is not a Hugging Face model directory")
+    if not any(p.glob("*.safetensors")):
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise FileNotFoundError(
+            f"model directory {p} has no *.safetensors weights (found: {found}); save the model with "
+            f"`save_pretrained(..., safe_serialization=True)`"
+        )
+    return p
+
+
+def load_planner(path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu"):
+    """Load the planner from a local HF directory onto `device` in `dtype`, packed attention enabled."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise type(e)(f"could not load the model in {p}: {e}") from e
+    model = model.to(device)
+    enable_packed_attention(model)
+    return model
+
+
+def qwen2_5_1_5b_config():
+    """Qwen2.5-1.5B: d=1536, 28 layers, 12 query / 2 KV heads, FFN 8960, vocab 151936, tied embeddings."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+
+
+def qwen2_5_7b_config():
+    """Qwen2.5-7B: d=3584, 28 layers, 28 query / 4 KV heads, FFN 18944, vocab 152064, untied LM head."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+
+
+PRESETS: dict[str, Callable] = {"qwen2.5-1.5b": qwen2_5_1_5b_config, "qwen2.5-7b": qwen2_5_7b_config}
+
+
+def preset_config(name: str):
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+@torch.no_grad()
+def _init_in_place(model, seed: int) -> None:
+    """Normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms, fresh rotary tables."""
+    from torch import nn
+
+    std = getattr(model.config, "initializer_range", 0.02)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std, generator=gen)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif "RMSNorm" in type(module).__name__:
+            module.weight.fill_(1.0)
+        elif "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+            # to_empty left the non-persistent inverse-frequency buffers uninitialised; rebuild them in float32.
+            fresh = type(module)(module.config).to(device)
+            module.inv_freq = fresh.inv_freq
+            module.original_inv_freq = fresh.original_inv_freq
+
+
+def build_random_model(
+    config, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0
+):
+    """A causal LM of `config` with random weights, allocated once, on `device`, in `dtype`.
+
+    device="meta" gives the module tree without storage (for counting parameters of big presets).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dt = resolve_dtype(dtype)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to(dt)
+    if torch.device(device).type != "meta":
+        model = model.to_empty(device=device)
+        _init_in_place(model, seed)
+        model.tie_weights()
+    enable_packed_attention(model)
+    return model
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM-head weight [V, d] (the embedding matrix itself when embeddings are tied)."""
+    return model.get_output_embeddings().weight
+
+
+def lm_head_bias(model) -> torch.Tensor | None:
+    return getattr(model.get_output_embeddings(), "bias", None)
+
+
+def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
+    """Last hidden states [T, d] (after the final norm) of the packed micro-batch; attention stays within sequences."""
+    enable_packed_attention(model)
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    out = model.base_model(
+        input_ids=mb.input_ids.unsqueeze(0),
+        position_ids=mb.position_ids.unsqueeze(0),
+        # A prepared (empty) mask per layer type: transformers builds no [T, T] mask; the attention
+        # function bounds each sequence with cu_seqlens instead.
+        attention_mask=dict.fromkeys(set(layer_types)),
+        use_cache=False,
+        cu_seq_lens_q=mb.cu_seqlens,
+        cu_seq_lens_k=mb.cu_seqlens,
+        max_length_q=mb.max_seqlen,
+        max_length_k=mb.max_seqlen,
+        cu_seq_lens_host=mb.cu_seqlens_host,
+    )
+    return out.last_hidden_state[0]
+
+
+def _dims(config) -> tuple[int, int, int, int, int, int, int]:
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    return (
+        d,
+        config.num_hidden_layers,
+        heads,
+        config.num_key_value_heads,
+        head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+    )
+
+
+def body_params(config) -> int:
+    """Parameters of the decoder layers that act as matmuls per token (embedding and LM head excluded)."""
+    d, layers, heads, kv, hd, ffn, _ = _dims(config)
+    attn = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    mlp = 3 * d * ffn
+    return layers * (attn + mlp)
+
+
+def flops_per_token(config) -> float:
+    """Training FLOPs per token of the decoder body (6 · matmul parameters); attention and LM head excluded."""
+    return 6.0 * body_params(config)
+
+
+def forward_flops(config, seq_lens: Sequence[int], lm_head_tokens: int) -> float:
+    """Forward FLOPs of one packed pass: body matmuls, causal attention per sequence, LM head on `lm_head_tokens` rows.
+
+    Training (forward + backward) is 3x this; recomputation inside fused kernels is not counted (model FLOPs).
+    """
+    d, layers, heads, _, hd, _, vocab = _dims(config)
+    tokens = sum(seq_lens)
+    # Causal attention: query i sees i+1 keys; QK^T and PV each cost 2·hd FLOPs per (query, key, head).
+    attn = sum(4.0 * hd * heads * layers * (n * (n + 1) / 2) for n in seq_lens)
+    return 2.0 * body_params(config) * tokens + attn + 2.0 * d * vocab * lm_head_tokens
+
+
+def num_parameters(model) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return sum(seen.values())

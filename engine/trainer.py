@@ -1,0 +1,438 @@
+"""The Flow-GRPO update of the planner: packed micro-batches, recomputed old/reference log-probs,
+the fused LM-head loss, gradient accumulation, AdamW with grad-norm clipping.
+
+`Trainer.update(sequences)` runs, for the planner turns of one step:
+
+1. pack: the sequences are split into `mini_batches` contiguous mini-batches (1 = the whole step,
+   one optimizer step per PPO epoch), each packed without padding into micro-batches of at most
+   `micro_batch_tokens` tokens (`engine.packing`), moved to the model's device;
+2. old log-probs: the current policy's log-probs of every response token, under no_grad (the
+   trainer's recompute, the `old_logp` of the ratio; the rollout engine's own log-probs are kept
+   only for the gap metric and the optional correction below);
+3. reference log-probs from the frozen reference policy, only when kl_coef > 0 (the trainer then
+   holds a deep copy of the initial model, or the `ref_model` it was given; with kl_coef = 0 no
+   copy is made);
+4. for each PPO epoch and mini-batch: per micro-batch, the decoder body on the packed tokens, the
+   hidden rows at `loss_positions` (response tokens only), the linear loss with the LM-head
+   weight, backward of the loss times a scale that makes the accumulated gradient exactly that of
+   the loss aggregated over the whole mini-batch:
+       token-mean:            scale = masked tokens in the micro-batch / in the mini-batch
+       seq-mean-token-mean/-sum: scale = sequences in the micro-batch / in the mini-batch
+   then grad-norm clipping (the norm before clipping is reported) and one AdamW step. A
+   non-finite gradient norm skips the step (counted in `actor/skipped_steps`).
+
+Truncated importance sampling (`tis_cap`): with rollout log-probs from another engine, tokens are
+weighted by w = min(exp(old_trainer − rollout), tis_cap). Since every pg form here is positively
+homogeneous in A (max(−A·r, −A·clip(r)) and the dual clip min(·, −A·c), with A·w < 0 ⇔ A < 0),
+w·pg(A) = pg(A·w) exactly, so the weight is folded into the advantage passed to the loss.
+
+Loss implementations: "fused" calls `kernels.linear_flow_grpo_loss` / `kernels.linear_token_logprobs`
+(never materialise [N, V]); "reference" calls the plain-torch definitions in `kernels.reference`.
+Both are imported when the trainer is built, so this module loads without the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import enable_packed_attention
+from engine.metrics import mfu, peak_flops
+from engine.model import flops_per_token, forward_flops, hidden_states, lm_head_bias, lm_head_weight, resolve_dtype
+from engine.packing import MicroBatch, TrainSequence, pack
+
+__all__ = ["TrainBatch", "Trainer", "TrainerConfig", "flops_per_token"]
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_TYPES = ("k1", "k2", "k3")
+LOSS_IMPLS = ("fused", "reference")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and loss settings (AgentFlow defaults: lr 1e-6, clip 0.2/0.3, k3 KL at 0.001, token-mean)."""
+
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 8192
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_ratio_c: float | None = None
+    kl_coef: float = 0.001
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    temperature: float = 1.0
+    tis_cap: float | None = None
+    loss_impl: str = "fused"
+    compute_dtype: str | None = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+            (self.mini_batches >= 1, f"mini_batches must be >= 1, got {self.mini_batches}"),
+            (self.micro_batch_tokens >= 2, f"micro_batch_tokens must be >= 2, got {self.micro_batch_tokens}"),
+            (0 <= self.clip_low < 1, f"clip_low must be in [0, 1), got {self.clip_low}"),
+            (self.clip_high >= 0, f"clip_high must be >= 0, got {self.clip_high}"),
+            (self.clip_ratio_c is None or self.clip_ratio_c > 1, f"clip_ratio_c must be > 1, got {self.clip_ratio_c}"),
+            (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
+            (self.kl_type in KL_TYPES, f"kl_type must be one of {KL_TYPES}, got {self.kl_type!r}"),
+            (self.loss_agg in LOSS_AGGS, f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.tis_cap is None or self.tis_cap > 0, f"tis_cap must be > 0 or None, got {self.tis_cap}"),
+            (self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.compute_dtype is not None:
+            resolve_dtype(self.compute_dtype)
+
+
+def loss_functions(impl: str) -> tuple[Callable, Callable]:
+    """(linear_flow_grpo_loss, linear_token_logprobs) of the chosen implementation."""
+    if impl == "reference":
+        from kernels import reference
+
+        return reference.linear_flow_grpo_loss, reference.linear_token_logprobs
+    if impl != "fused":
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    import kernels
+
+    loss = getattr(kernels, "linear_flow_grpo_loss", None)
+    logprobs = getattr(kernels, "linear_token_logprobs", None)
+    if loss is None or logprobs is None:
+        raise RuntimeError(
+            "loss_impl='fused' needs kernels.linear_flow_grpo_loss and kernels.linear_token_logprobs, which this "
+            "build of `kernels` does not provide; use loss_impl='reference'"
+        )
+    return loss, logprobs
+
+
+@dataclass
+class TrainBatch:
+    """One step's sequences packed per mini-batch (on the device), with their per-micro-batch log-probs."""
+
+    sequences: list[TrainSequence]
+    mini_batches: list[list[MicroBatch]]
+    old_logprobs: list[list[torch.Tensor]] | None = None
+    ref_logprobs: list[list[torch.Tensor]] | None = None
+    advantages: list[list[torch.Tensor]] | None = None  # after the optional TIS weighting
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def micro_batches(self) -> list[MicroBatch]:
+        return [mb for mini in self.mini_batches for mb in mini]
+
+
+class _NoTimer:
+    def phase(self, name: str):
+        return contextlib.nullcontext()
+
+
+def _split_contiguous(n: int, k: int) -> list[range]:
+    k = min(k, n)
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+class Trainer:
+    """Flow-GRPO updates of `model` (a transformers causal LM) with AdamW; see the module doc."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainerConfig, ref_model: torch.nn.Module | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.loss_fn, self.logprob_fn = loss_functions(config.loss_impl)
+        enable_packed_attention(model)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.kl_coef == 0.0:
+            if ref_model is not None:
+                raise ValueError("ref_model given but kl_coef = 0: the reference policy would never be used")
+            self.ref_model = None
+        else:
+            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            self.ref_model.requires_grad_(False)
+            self.ref_model.eval()
+            enable_packed_attention(self.ref_model)
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.compute_dtype = resolve_dtype(config.compute_dtype) if config.compute_dtype else None
+
+    # ---- pieces of one update (each usable on its own, e.g. to time them separately) ----
+
+    def prepare(self, sequences: Sequence[TrainSequence]) -> TrainBatch:
+        """Split into mini-batches, pack each under the token budget, move to the device."""
+        sequences = list(sequences)
+        if not sequences:
+            raise ValueError("no sequences to train on: the step produced no planner turns")
+        minis = []
+        for idx in _split_contiguous(len(sequences), self.config.mini_batches):
+            sub = [sequences[i] for i in idx]
+            mbs = pack(sub, self.config.micro_batch_tokens)
+            minis.append(
+                [
+                    dataclasses.replace(mb, seq_indices=tuple(idx[i] for i in mb.seq_indices)).to(self.device)
+                    for mb in mbs
+                ]
+            )
+        return TrainBatch(sequences=sequences, mini_batches=minis)
+
+    def _autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _head(self, model: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Response hidden rows and LM-head weight/bias in one dtype (the compute dtype when set)."""
+        w, b = lm_head_weight(model), lm_head_bias(model)
+        dt = self.compute_dtype or h.dtype
+        return h.to(dt), w.to(dt), None if b is None else b.to(dt)
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, micro_batches: Sequence[MicroBatch], model: torch.nn.Module | None = None
+    ) -> list[torch.Tensor]:
+        """float32 log-probs [R] of each micro-batch's response tokens under `model` (default: the policy)."""
+        model = self.model if model is None else model
+        out = []
+        with self._autocast():
+            for mb in micro_batches:
+                h = hidden_states(model, mb).index_select(0, mb.loss_positions)
+                h, w, b = self._head(model, h)
+                lp = self.logprob_fn(h, w, mb.targets, bias=b, temperature=self.config.temperature)
+                out.append(lp.float())
+        return out
+
+    def compute_old_logprobs(self, batch: TrainBatch) -> None:
+        """Old-policy log-probs (trainer recompute), the rollout/trainer gap, and the TIS-weighted advantages."""
+        batch.old_logprobs = [self.compute_logprobs(mini) for mini in batch.mini_batches]
+        gaps = torch.cat(
+            [
+                (mb.rollout_logprobs - old).abs()
+                for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
+                for mb, old in zip(mini, olds)
+            ]
+        )
+        batch.metrics["training/rollout_logprob_diff_mean"] = gaps.double().mean().item()
+        batch.metrics["training/rollout_logprob_diff_max"] = gaps.max().item()
+        cap = self.config.tis_cap
+        advs, weights = [], []
+        for mini, olds in zip(batch.mini_batches, batch.old_logprobs):
+            row = []
+            for mb, old in zip(mini, olds):
+                if cap is None:
+                    row.append(mb.advantages)
+                else:
+                    w = torch.exp(old - mb.rollout_logprobs).clamp(max=cap)
+                    weights.append(w)
+                    row.append(mb.advantages * w)
+            advs.append(row)
+        batch.advantages = advs
+        if weights:
+            w = torch.cat(weights)
+            batch.metrics["actor/tis_weight_mean"] = w.double().mean().item()
+            batch.metrics["actor/tis_capped_frac"] = (w >= cap).double().mean().item()
+
+    def compute_ref_logprobs(self, batch: TrainBatch) -> None:
+        """Reference-policy log-probs (only when kl_coef > 0)."""
+        if self.ref_model is None:
+            batch.ref_logprobs = None
+            return
+        batch.ref_logprobs = [self.compute_logprobs(mini, self.ref_model) for mini in batch.mini_batches]
+
+    def accumulate_gradients(self, batch: TrainBatch, mini: int = 0) -> dict[str, float]:
+        """Forward + backward over every micro-batch of mini-batch `mini`, adding into `.grad`.
+
+        Each micro-batch loss is scaled so that the accumulated gradient equals the gradient of the
+        loss aggregated over the whole mini-batch (module doc). Returns the (scaled) total loss and
+        token-weighted sums of the loss metrics.
+        """
+        if batch.old_logprobs is None or batch.advantages is None:
+            raise ValueError("compute_old_logprobs(batch) must run before the update")
+        if self.config.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError("kl_coef > 0: compute_ref_logprobs(batch) must run before the update")
+        cfg = self.config
+        mbs = batch.mini_batches[mini]
+        total_tokens = sum(mb.num_response_tokens for mb in mbs)
+        total_seqs = sum(mb.num_seqs for mb in mbs)
+        acc = {"loss": 0.0, "tokens": 0.0, "ratio_max": -math.inf}
+        for j, mb in enumerate(mbs):
+            ref = None if batch.ref_logprobs is None else batch.ref_logprobs[mini][j]
+            with self._autocast():
+                h = hidden_states(self.model, mb).index_select(0, mb.loss_positions)
+                h, w, b = self._head(self.model, h)
+                out = self.loss_fn(
+                    h,
+                    w,
+                    mb.targets,
+                    batch.old_logprobs[mini][j],
+                    batch.advantages[mini][j],
+                    torch.ones_like(mb.targets, dtype=torch.bool),
+                    bias=b,
+                    cu_seqlens=mb.response_cu_seqlens,
+                    ref_logprobs=ref,
+                    temperature=cfg.temperature,
+                    clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high,
+                    clip_ratio_c=cfg.clip_ratio_c,
+                    kl_coef=cfg.kl_coef,
+                    kl_type=cfg.kl_type,
+                    entropy_coef=cfg.entropy_coef,
+                    loss_agg=cfg.loss_agg,
+                )
+            if cfg.loss_agg == "token-mean":
+                scale = mb.num_response_tokens / total_tokens
+            else:
+                scale = mb.num_seqs / total_seqs
+            (out.loss * scale).backward()
+            acc["loss"] += out.loss.detach().item() * scale
+            n = out.metrics["num_tokens"]
+            acc["tokens"] += n
+            for key in ("pg_loss", "clipfrac", "clipfrac_lower", "kl", "entropy", "ratio_mean"):
+                acc[key] = acc.get(key, 0.0) + out.metrics[key] * n
+            acc["ratio_max"] = max(acc["ratio_max"], out.metrics["ratio_max"])
+        return acc
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """PPO epochs over the mini-batches: accumulate exact gradients over micro-batches, clip, AdamW step."""
+        cfg = self.config
+        self.model.train()
+        keys = ("pg_loss", "clipfrac", "clipfrac_lower", "kl", "entropy", "ratio_mean")
+        sums = dict.fromkeys(keys, 0.0)
+        tokens_seen = 0.0
+        ratio_max = -math.inf
+        losses, norms, skipped = [], [], 0
+        clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        for _ in range(cfg.ppo_epochs):
+            for m in range(len(batch.mini_batches)):
+                self.optimizer.zero_grad(set_to_none=True)
+                acc = self.accumulate_gradients(batch, m)
+                for k in keys:
+                    sums[k] += acc[k]
+                tokens_seen += acc["tokens"]
+                ratio_max = max(ratio_max, acc["ratio_max"])
+                losses.append(acc["loss"])
+                norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+                norms.append(norm)
+                if math.isfinite(norm):
+                    self.optimizer.step()
+                else:
+                    skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+        mean = {k: (v / tokens_seen if tokens_seen else 0.0) for k, v in sums.items()}
+        return {
+            "actor/loss": sum(losses) / len(losses),
+            "actor/pg_loss": mean["pg_loss"],
+            "actor/pg_clipfrac": mean["clipfrac"],
+            "actor/pg_clipfrac_lower": mean["clipfrac_lower"],
+            "actor/kl_loss": mean["kl"],
+            "actor/kl_coef": cfg.kl_coef,
+            "actor/entropy": mean["entropy"],
+            "actor/ratio_mean": mean["ratio_mean"],
+            "actor/ratio_max": ratio_max,
+            "actor/grad_norm": sum(norms) / len(norms),
+            "actor/grad_norm_max": max(norms),
+            "actor/skipped_steps": float(skipped),
+            "actor/optimizer_steps": float(len(norms) - skipped),
+            "actor/lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    # ---- the whole update ----
+
+    def update(self, sequences: Sequence[TrainSequence], timer=None) -> dict[str, float]:
+        """One Flow-GRPO update on the step's planner turns; returns float metrics.
+
+        Keys: the loss terms of `train` (actor/loss, pg_loss, pg_clipfrac, pg_clipfrac_lower, kl_loss,
+        kl_coef, entropy, ratio_mean, ratio_max, grad_norm, grad_norm_max, skipped_steps,
+        optimizer_steps, lr: token means over all epochs and mini-batches, grad norms before
+        clipping); training/rollout_logprob_diff_mean and _max (|rollout − trainer old log-prob| over
+        response tokens); actor/tis_weight_mean and tis_capped_frac when tis_cap is set; batch sizes
+        (actor/num_seqs, num_tokens = response tokens, num_packed_tokens, num_micro_batches,
+        num_mini_batches, packing_efficiency, zero_adv_seqs); perf/train_flops (update, model FLOPs),
+        perf/logprob_flops (old + ref passes), perf/train_tokens_per_s (packed tokens × epochs over the
+        update's wall time), perf/trainer_{pack,logprob,update}_s (wall, synchronised), and
+        perf/mfu/actor on a GPU with a known peak.
+
+        `timer` (an `engine.metrics.PhaseTimer`) times the sub-phases pack, old_log_prob, ref, update_actor.
+        """
+        timer = timer or _NoTimer()
+        t0 = time.perf_counter()
+        with timer.phase("pack"):
+            batch = self.prepare(sequences)
+        t_pack = time.perf_counter()
+        with timer.phase("old_log_prob"):
+            self.compute_old_logprobs(batch)
+        if self.ref_model is not None:
+            with timer.phase("ref"):
+                self.compute_ref_logprobs(batch)
+        self._sync()
+        t_logprob = time.perf_counter()
+        with timer.phase("update_actor"):
+            metrics = self.train(batch)
+        self._sync()
+        t_update = time.perf_counter()
+
+        mbs = batch.micro_batches
+        cfg_model = self.model.config
+        fwd = sum(forward_flops(cfg_model, mb.seq_lens, mb.num_response_tokens) for mb in mbs)
+        packed = sum(mb.num_tokens for mb in mbs)
+        train_flops = 3.0 * fwd * self.config.ppo_epochs
+        update_s = t_update - t_logprob
+        metrics.update(batch.metrics)
+        metrics.update(
+            {
+                "actor/num_seqs": float(len(batch.sequences)),
+                "actor/num_tokens": float(sum(mb.num_response_tokens for mb in mbs)),
+                "actor/num_packed_tokens": float(packed),
+                "actor/num_micro_batches": float(len(mbs)),
+                "actor/num_mini_batches": float(len(batch.mini_batches)),
+                "actor/packing_efficiency": packed / (len(mbs) * self.config.micro_batch_tokens),
+                "actor/zero_adv_seqs": float(sum(s.advantage == 0.0 for s in batch.sequences)),
+                "perf/train_flops": train_flops,
+                "perf/logprob_flops": fwd * (2 if self.ref_model is not None else 1),
+                "perf/train_tokens_per_s": packed * self.config.ppo_epochs / update_s if update_s > 0 else 0.0,
+                "perf/trainer_pack_s": t_pack - t0,
+                "perf/trainer_logprob_s": t_logprob - t_pack,
+                "perf/trainer_update_s": update_s,
+            }
+        )
+        peak = peak_flops(self.device, self.compute_dtype or next(self.model.parameters()).dtype)
+        if peak is not None:
+            metrics["perf/mfu/actor"] = mfu(train_flops, update_s, peak)
+        return metrics
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

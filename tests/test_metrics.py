@@ -1,0 +1,209 @@
+"""Step-loop instruments: phase timer keys, crash-safe metrics.jsonl, terminal table, Chrome trace, MFU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.metrics import (
+    PHASES,
+    ConsoleReporter,
+    MetricsWriter,
+    PhaseTimer,
+    mfu,
+    peak_flops,
+    read_metrics,
+    step_trace,
+    throughput_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_phase_timer_keys_nesting_and_accumulation():
+    timer = PhaseTimer("cpu")
+    with timer.phase("step"):
+        with timer.phase("gen"):
+            time.sleep(0.01)
+        with timer.phase("old_log_prob"):
+            pass
+        with timer.phase("gen"):  # a second rollout round in the same step accumulates
+            time.sleep(0.01)
+        with timer.phase("my_phase"):
+            pass
+    t = timer.collect()
+    assert set(t) == {"timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/my_phase"}
+    assert t["timing_s/gen"] >= 0.02  # sleep never returns early
+    assert t["timing_s/step"] >= t["timing_s/gen"] + t["timing_s/old_log_prob"]
+    assert timer.collect() == {}, "collect resets"
+
+
+def test_verl_phase_names():
+    for ours, key in {
+        "gen": "timing_s/gen",
+        "reward": "timing_s/reward",
+        "old_log_prob": "timing_s/old_log_prob",
+        "ref": "timing_s/ref",
+        "adv": "timing_s/adv",
+        "update_actor": "timing_s/update_actor",
+        "update_weights": "timing_s/update_weights",
+        "step": "timing_s/step",
+        "wake": "timing_s/wake",
+        "sleep": "timing_s/sleep",
+    }.items():
+        assert PHASES[ours] == key
+
+
+def test_phase_timer_hooks_see_enter_and_exit_even_on_error():
+    calls = []
+    timer = PhaseTimer(None, hooks=[lambda name, what: calls.append((name, what))])
+    with pytest.raises(RuntimeError), timer.phase("gen"):
+        raise RuntimeError("boom")
+    assert calls == [("gen", "enter"), ("gen", "exit")]
+    assert "timing_s/gen" in timer.collect()
+
+
+def test_metrics_writer_lines_nan_and_resume(tmp_path):
+    with MetricsWriter(tmp_path) as w:
+        for step in range(1, 6):
+            w.write(step, {"loss": float(step), "bad": float("nan"), "t": torch.tensor(2.5), "inf": float("inf")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    first = json.loads(lines[0])
+    assert first == {"step": 1, "loss": 1.0, "bad": None, "t": 2.5, "inf": None}
+    # Resume from step 3: later lines go, the file stays valid, appends continue after step 3.
+    with MetricsWriter(tmp_path, resume_step=3) as w:
+        w.write(4, {"loss": 40.0})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 40.0
+
+
+def test_metrics_writer_repairs_a_partial_trailing_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1]
+    with MetricsWriter(tmp_path) as w:
+        w.write(2, {"loss": 2.0})
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n'
+
+
+_APPENDER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from engine.metrics import MetricsWriter
+w = MetricsWriter(sys.argv[2])
+big = "x" * 20000
+step = 0
+while True:
+    step += 1
+    w.write(step, {"payload": big})
+    if step == 3:
+        print("RUNNING", flush=True)
+"""
+
+
+def test_killed_writer_leaves_only_complete_lines(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _APPENDER, str(REPO), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "RUNNING", proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    path = tmp_path / "metrics.jsonl"
+    rows = read_metrics(path)
+    assert len(rows) >= 3 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    # Reopening leaves only complete, parseable lines (a torn tail, had the kill produced one, is cut).
+    with MetricsWriter(tmp_path):
+        pass
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and len(data.splitlines()) == len(rows)
+    assert all(json.loads(line)["payload"] == "x" * 20000 for line in data.splitlines())
+    with MetricsWriter(tmp_path, resume_step=2):
+        pass
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_console_reporter_plain_text_when_not_a_terminal():
+    buf = io.StringIO()
+    rep = ConsoleReporter(total_steps=3, file=buf, header_every=2)
+    assert not rep.is_terminal
+    rep.progress(1, "gen")  # no live line off a terminal
+    rep.step_done(1, {"timing_s/step": 1.234, "reward/mean": 0.5, "actor/kl_loss": 1e-3, "perf/mfu/actor": None})
+    rep.step_done(2, {"timing_s/step": 2.0})
+    rep.step_done(3, {"timing_s/step": 3.0})
+    rep.close()
+    out = buf.getvalue()
+    assert "\x1b[" not in out, "no ANSI escapes off a terminal"
+    lines = out.splitlines()
+    assert len(lines) == 5 and lines[0].split()[:3] == ["step", "step_s", "gen_s"] and lines[3] == lines[0]
+    cells = lines[1].split()
+    assert cells[:4] == ["1", "1.23", "-", "-"] and "0.500" in cells and "1.00e-03" in cells
+
+
+def test_console_reporter_on_a_terminal_uses_rich():
+    from rich.console import Console
+
+    buf = io.StringIO()
+    rep = ConsoleReporter(total_steps=2, file=buf)
+    rep.console = Console(file=buf, force_terminal=True, width=200)
+    rep.is_terminal = True
+    rep.progress(1, "gen")
+    row = rep.step_done(1, {"timing_s/step": 1.5})
+    rep.close()
+    assert "1.50" in row and "1.50" in buf.getvalue()
+
+
+def test_step_trace_only_for_the_chosen_step(tmp_path):
+    timer = PhaseTimer("cpu")
+    for step in (1, 2, 3):
+        with step_trace(tmp_path, step, trace_step=2) as prof, timer.phase("update_actor"):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+        assert (prof is not None) == (step == 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace_step_2.json"]
+    trace = json.loads((tmp_path / "trace_step_2.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "update_actor" in names, "phases are labelled in the trace"
+
+
+def test_mfu_and_throughput():
+    assert peak_flops("cpu") is None
+    assert mfu(1e12, 1.0, None) is None
+    assert mfu(989e12 / 2, 1.0, 989e12) == pytest.approx(0.5)
+    t = {"timing_s/gen": 2.0, "timing_s/update_actor": 4.0, "timing_s/step": 7.0}
+    m = throughput_metrics(t, rollout_tokens=1000, train_tokens=800, train_flops=1e12, peak=None)
+    assert m == {
+        "perf/rollout_tokens_per_s": 500.0,
+        "perf/train_tokens_per_s": 200.0,
+        "perf/time_per_step": 7.0,
+        "perf/mfu/actor": None,
+    }
+
+
+@pytest.mark.gpu
+def test_phase_timer_cuda_events_and_peak():
+    timer = PhaseTimer("cuda")
+    a = torch.randn(2048, 2048, device="cuda")
+    with timer.phase("update_actor"):
+        for _ in range(10):
+            a = a @ a
+            a = a / a.norm()
+    t = timer.collect()
+    assert t["timing_s/update_actor"] > 0
+    name = torch.cuda.get_device_name()
+    if "H100" in name or "H200" in name:
+        assert peak_flops("cuda") is not None
