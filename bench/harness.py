@@ -15,7 +15,8 @@ For one (op, provider, shape) case, `run_case`:
    (the call itself may synchronise, e.g. to fetch metrics); CPU: `time.perf_counter`. Reports the
    median and the 20th/80th percentiles in milliseconds. No cache flushing between calls: the ops
    benchmarked here move far more bytes than any cache holds.
-4. **GB/s** = bytes moved (the op's model of its minimum DRAM traffic) / median time.
+4. **GB/s** = bytes moved (the op's model of its minimum DRAM traffic) / median time; for
+   compute-bound ops also **TFLOP/s** = the op's FLOP count / median time.
 
 Results are `BenchRow`s (one dataclass, JSON-friendly).
 """
@@ -51,6 +52,8 @@ class BenchRow:
     memory_method: str | None = None
     bytes_moved: int | None = None
     gbps: float | None = None
+    flops: int | None = None
+    tflops: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +127,7 @@ def run_case(
     bytes_moved: int,
     warmup: int,
     repeats: int,
+    flops: int | None = None,
 ) -> BenchRow:
     """Gate, then memory, then time one provider; `gate(outputs)` returns the max error or raises."""
     row = BenchRow(
@@ -152,12 +156,15 @@ def run_case(
     row.ms_p20, row.ms_p80 = percentile(times, 20), percentile(times, 80)
     row.bytes_moved = bytes_moved
     row.gbps = bytes_moved / (row.ms_median * 1e-3) / 1e9 if row.ms_median > 0 else None
+    if flops is not None:
+        row.flops = flops
+        row.tflops = flops / (row.ms_median * 1e-3) / 1e12 if row.ms_median > 0 else None
     return row
 
 
 def format_table(rows: list[BenchRow]) -> str:
     """A fixed-width text table of rows (errors in place of numbers where the gate failed)."""
-    head = ("op", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "peak MiB", "GB/s", "max err")
+    head = ("op", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "peak MiB", "GB/s", "TFLOP/s", "max err")
     lines = []
     for r in rows:
         shape = "x".join(str(v) for v in r.shape.values())
@@ -171,10 +178,11 @@ def format_table(rows: list[BenchRow]) -> str:
                 f"{r.ms_p20:.3f}-{r.ms_p80:.3f}",
                 f"{r.peak_mem_bytes / 2**20:.1f}",
                 f"{r.gbps:.1f}" if r.gbps is not None else "-",
+                f"{r.tflops:.2f}" if r.tflops is not None else "-",
                 f"{r.max_err:.1e}",
             )
         else:
-            cells = (r.op, r.provider, shape, r.dtype, "-", "-", "-", "-", r.error or "failed")
+            cells = (r.op, r.provider, shape, r.dtype, "-", "-", "-", "-", "-", r.error or "failed")
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

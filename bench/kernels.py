@@ -1,17 +1,28 @@
 """Kernel micro-benchmarks: our fused ops against the eager reference (and optionally torch.compile).
 
-A registry of ops × providers × shapes, measured by `bench.harness` (correctness gate against the
-reference with `kernels.testing` tolerances, median and p20/p80 time, peak extra memory, GB/s):
+A registry (`OPS`) of ops × providers × shapes, measured by `bench.harness` (correctness gate with
+`kernels.testing` tolerances, median and p20/p80 time, peak extra memory, GB/s, TFLOP/s):
 
-    token_logprobs   forward, no grad               bytes moved ≈ N·V·b       (read the logits once)
-    flow_grpo_loss   forward + backward + metrics   bytes moved ≈ 3·N·V·b     (read twice, write d logits)
+    token_logprobs          [N, V]     forward, no grad               bytes ≈ N·V·b       (read the logits once)
+    flow_grpo_loss          [N, V]     forward + backward + metrics   bytes ≈ 3·N·V·b     (read twice, write d logits)
+    linear_token_logprobs   [N, d, V]  forward, no grad (old/ref)     FLOP = 2·N·V·d      (the LM head fused)
+    linear_flow_grpo_loss   [N, d, V]  forward + backward + metrics   FLOP = 8·N·V·d      (logits, recomputed logits,
+                                                                                         d hidden, d weight)
 
 with b the bytes per logit. Providers: `ours` (`kernels.*`, impl="auto": Triton on CUDA, the chunked
-torch path on CPU), `reference` (`kernels.reference`, eager, float32 upcast, autograd) and
-`compiled` (`torch.compile` of the reference; not run by default: compiling takes a while on CPU).
+torch path on CPU), `reference` (`kernels.reference`, eager, float32 upcast, autograd), `compiled`
+(`torch.compile` of the reference; not run by default: compiling takes a while on CPU) and, for the
+linear ops, `materialize` (the LM head as a matmul, then the fused `kernels.token_logprobs` /
+`kernels.flow_grpo_loss` on the [N, V] logits). The linear ops are gated against the reference run
+on float32 copies of the inputs (the definition with float32 logits, which ours computes); the
+bf16 `reference` and `materialize` round the logits to bf16 and pass with the bf16 tolerance.
+
+Shapes: NxV for the logits ops, NxdxV or a preset name for the linear ops (`LM_HEAD_PRESETS`, the
+Qwen2.5 LM heads, with N = --tokens, default `DEFAULT_TOKENS`). Each op runs the shapes of its rank.
 
     .venv/bin/python -m bench.kernels --help
     .venv/bin/python -m bench.kernels --shapes 128x32000 --dtype bfloat16 --repeats 5
+    .venv/bin/python -m bench.kernels --ops linear_flow_grpo_loss --shapes qwen2.5-1.5b --tokens 128
 
 Prints a table, then one JSON line with every row and the conditions (device, versions).
 """
@@ -27,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 
 import kernels
@@ -35,44 +47,94 @@ from kernels import reference
 from kernels.testing import assert_close, max_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_SHAPES = {"cpu": "64x32000,512x4096", "cuda": "4096x32000,8192x151936"}
+# (d, V) of LM heads; N comes from --tokens
+LM_HEAD_PRESETS = {"qwen2.5-1.5b": (1536, 151_936), "qwen2.5-7b": (3584, 152_064)}
+DEFAULT_TOKENS = {"cpu": 64, "cuda": 8192}
+DEFAULT_SHAPES = {
+    "cpu": "64x32000,512x4096,2048x128x2000,4096x64x32000",
+    "cuda": "4096x32000,8192x151936,qwen2.5-1.5b,qwen2.5-7b",
+}
 LOSS_KWARGS = {"kl_coef": 0.001, "kl_type": "k3", "entropy_coef": 0.0, "clip_ratio_c": 3.0, "temperature": 1.0}
+LOGITS_DIMS = ("N", "V")
+LINEAR_DIMS = ("N", "d", "V")
 
 Inputs = dict[str, Any]
+Shape = dict[str, int]
 Provider = Callable[[Inputs], Any]
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One benchmarked op: how to build inputs, run each provider, compare, and count bytes."""
+    """One benchmarked op: how to build inputs, run each provider, compare, and count bytes and FLOPs."""
 
     name: str
-    make_inputs: Callable[[int, int, torch.dtype, torch.device], Inputs]
+    dims: tuple[str, ...]  # names of the shape's sizes, e.g. ("N", "V")
+    make_inputs: Callable[[Shape, torch.dtype, torch.device], Inputs]
     providers: dict[str, Provider]
     compare: Callable[[Any, Any, torch.dtype], float]  # max error, or AssertionError
-    bytes_moved: Callable[[int, int, torch.dtype], int]
+    bytes_moved: Callable[[Shape, torch.dtype], int]
+    default_providers: tuple[str, ...] = ("ours", "reference")
+    flops: Callable[[Shape], int] | None = None  # for compute-bound ops
+    expected: Provider | None = None  # what the gate compares with (default: the "reference" provider)
 
 
-def _logits_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device) -> Inputs:
+def _logits_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> Inputs:
+    n, v = shape["N"], shape["V"]
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(n, v, generator=g) * 2).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     return {"logits": logits, "targets": targets}
 
 
-def _loss_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device) -> Inputs:
-    inp = _logits_inputs(n, v, dtype, device)
+def _per_token_loss_inputs(logp: torch.Tensor, g: torch.Generator, log_ratios: torch.Tensor | None = None) -> Inputs:
+    """old/ref log-probs, advantages, mask and cu_seqlens around the current log-probs `logp`."""
+    n, device = logp.shape[0], logp.device
+    if log_ratios is None:
+        log_ratios = torch.randn(n, generator=g) * 0.3
+    seqs = max(1, n // 512)
+    return {
+        "old_logprobs": logp - log_ratios.to(device),
+        "ref_logprobs": logp + (torch.randn(n, generator=g) * 0.3).to(device),
+        "advantages": torch.randn(n, generator=g).to(device),
+        "loss_mask": (torch.rand(n, generator=g) > 0.1).to(device),
+        "cu_seqlens": torch.linspace(0, n, seqs + 1).round().to(torch.int32).to(device),
+    }
+
+
+def _loss_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> Inputs:
+    inp = _logits_inputs(shape, dtype, device)
     g = torch.Generator(device="cpu").manual_seed(1)
     with torch.no_grad():
         logp = kernels.token_logprobs(inp["logits"], inp["targets"])
-    inp["old_logprobs"] = logp + (torch.randn(n, generator=g) * 0.3).to(device)
-    inp["ref_logprobs"] = logp + (torch.randn(n, generator=g) * 0.3).to(device)
-    inp["advantages"] = torch.randn(n, generator=g).to(device)
-    inp["loss_mask"] = (torch.rand(n, generator=g) > 0.1).to(device)
-    seqs = max(1, n // 512)
-    cu = torch.linspace(0, n, seqs + 1).round().to(torch.int32)
-    inp["cu_seqlens"] = cu.to(device)
+    inp |= _per_token_loss_inputs(logp, g)
     inp["logits"].requires_grad_()
+    return inp
+
+
+def _linear_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> Inputs:
+    """hidden [N, d], weight [V, d] (logits of std ≈ 2, no bias, as Qwen2's head), targets."""
+    n, d, v = shape["N"], shape["d"], shape["V"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
+    weight = (torch.randn(v, d, generator=g) * (2.0 / d**0.5)).to(dtype).to(device)
+    return {"hidden": hidden, "weight": weight, "targets": torch.randint(0, v, (n,), generator=g).to(device)}
+
+
+# log(ratio) values at least 0.08 from the clip edges log 0.8 and log 1.3 and below the dual clip (log 3):
+# rounding the logits to bf16 (the reference and materialize providers) moves logp by ≲ 0.04 and so
+# never flips a token's clip state, which the gate would see as a gradient error on that row
+_LOG_RATIOS = torch.tensor([-0.6, -0.1, 0.05, 0.15, 0.6])
+
+
+def _linear_loss_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> Inputs:
+    inp = _linear_inputs(shape, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        logp = kernels.linear_token_logprobs(inp["hidden"], inp["weight"], inp["targets"])
+    log_ratios = _LOG_RATIOS[torch.randint(0, len(_LOG_RATIOS), (shape["N"],), generator=g)]
+    inp |= _per_token_loss_inputs(logp, g, log_ratios)
+    inp["hidden"].requires_grad_()
+    inp["weight"].requires_grad_()
     return inp
 
 
@@ -95,6 +157,48 @@ def _loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
     return run
 
 
+def _linear_logprobs_provider(fn: Callable[..., torch.Tensor]) -> Provider:
+    def run(inp: Inputs) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(inp["hidden"], inp["weight"], inp["targets"])
+
+    return run
+
+
+def _linear_loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
+    def run(inp: Inputs) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+        hidden, weight = inp["hidden"], inp["weight"]
+        hidden.grad = weight.grad = None
+        rest = {k: x for k, x in inp.items() if k not in ("hidden", "weight", "targets")}
+        out = fn(hidden, weight, inp["targets"], **rest, **LOSS_KWARGS)
+        out.loss.backward()
+        return out.loss.detach(), out.metrics, (hidden.grad, weight.grad)
+
+    return run
+
+
+def _materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return kernels.token_logprobs(F.linear(hidden, weight), targets)
+
+
+def _materialized_loss(hidden, weight, targets, old_logprobs, advantages, loss_mask, **kwargs) -> kernels.LossOutput:
+    return kernels.flow_grpo_loss(F.linear(hidden, weight), targets, old_logprobs, advantages, loss_mask, **kwargs)
+
+
+def _float32_inputs(provider: Provider) -> Provider:
+    """`provider` on float32 copies of the inputs (leaves keep requires_grad): the float32 definition."""
+
+    def run(inp: Inputs) -> Any:
+        return provider(
+            {
+                k: x.detach().float().requires_grad_(x.requires_grad) if x.is_floating_point() else x
+                for k, x in inp.items()
+            }
+        )
+
+    return run
+
+
 def _compare_logprobs(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
     assert_close(actual, expected, dtype=torch.float32, name="logp")  # float32 outputs for every input dtype
     return max_error(actual, expected)
@@ -111,6 +215,27 @@ def _compare_loss(actual, expected, dtype: torch.dtype) -> float:
     return max(max_error(loss, e_loss), max_error(grad, e_grad) / scale)
 
 
+# The linear ops' loss and log-probs are compared with the input dtype's tolerance: the bf16 providers
+# `reference` and `materialize` round the logits to bf16 (|logp error| up to ~|z|·2^-9), ours does not.
+def _compare_linear_logprobs(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    assert_close(actual, expected, dtype=dtype, name="logp")
+    return max_error(actual, expected)
+
+
+def _compare_linear_loss(actual, expected, dtype: torch.dtype) -> float:
+    loss, metrics, grads = actual
+    e_loss, e_metrics, e_grads = expected
+    assert_close(loss, e_loss, dtype=dtype, name="loss")
+    for key, val in e_metrics.items():
+        assert_close(metrics[key], val, dtype=dtype, name=f"metric {key}")
+    err = max_error(loss, e_loss)
+    for name, grad, e_grad in zip(("d hidden", "d weight"), grads, e_grads):
+        scale = max(e_grad.abs().max().item(), 1e-12)
+        assert_close(grad, e_grad, dtype=dtype, name=name, scale=scale)
+        err = max(err, max_error(grad, e_grad) / scale)
+    return err
+
+
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     compiled = None
 
@@ -123,9 +248,15 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _linear_bytes(shape: Shape, dtype: torch.dtype, passes: int) -> int:
+    """hidden and weight read `passes` times (their gradients written once per extra pass), in the input dtype."""
+    return passes * (shape["N"] + shape["V"]) * shape["d"] * dtype.itemsize
+
+
 OPS: dict[str, OpSpec] = {
     "token_logprobs": OpSpec(
         name="token_logprobs",
+        dims=LOGITS_DIMS,
         make_inputs=_logits_inputs,
         providers={
             "ours": _token_logprobs_provider(kernels.token_logprobs),
@@ -133,10 +264,11 @@ OPS: dict[str, OpSpec] = {
             "compiled": _token_logprobs_provider(_compiled(reference.token_logprobs)),
         },
         compare=_compare_logprobs,
-        bytes_moved=lambda n, v, dtype: n * v * dtype.itemsize + n * 12,
+        bytes_moved=lambda s, dtype: s["N"] * s["V"] * dtype.itemsize + s["N"] * 12,
     ),
     "flow_grpo_loss": OpSpec(
         name="flow_grpo_loss",
+        dims=LOGITS_DIMS,
         make_inputs=_loss_inputs,
         providers={
             "ours": _loss_provider(kernels.flow_grpo_loss),
@@ -144,47 +276,91 @@ OPS: dict[str, OpSpec] = {
             "compiled": _loss_provider(_compiled(reference.flow_grpo_loss)),
         },
         compare=_compare_loss,
-        bytes_moved=lambda n, v, dtype: 3 * n * v * dtype.itemsize + n * 40,
+        bytes_moved=lambda s, dtype: 3 * s["N"] * s["V"] * dtype.itemsize + s["N"] * 40,
+    ),
+    "linear_token_logprobs": OpSpec(
+        name="linear_token_logprobs",
+        dims=LINEAR_DIMS,
+        make_inputs=_linear_inputs,
+        providers={
+            "ours": _linear_logprobs_provider(kernels.linear_token_logprobs),
+            "materialize": _linear_logprobs_provider(_materialized_logprobs),
+            "reference": _linear_logprobs_provider(reference.linear_token_logprobs),
+            "compiled": _linear_logprobs_provider(_compiled(reference.linear_token_logprobs)),
+        },
+        compare=_compare_linear_logprobs,
+        bytes_moved=lambda s, dtype: _linear_bytes(s, dtype, 1),
+        default_providers=("ours", "materialize", "reference"),
+        flops=lambda s: 2 * s["N"] * s["d"] * s["V"],
+        expected=_float32_inputs(_linear_logprobs_provider(reference.linear_token_logprobs)),
+    ),
+    "linear_flow_grpo_loss": OpSpec(
+        name="linear_flow_grpo_loss",
+        dims=LINEAR_DIMS,
+        make_inputs=_linear_loss_inputs,
+        providers={
+            "ours": _linear_loss_provider(kernels.linear_flow_grpo_loss),
+            "materialize": _linear_loss_provider(_materialized_loss),
+            "reference": _linear_loss_provider(reference.linear_flow_grpo_loss),
+            "compiled": _linear_loss_provider(_compiled(reference.linear_flow_grpo_loss)),
+        },
+        compare=_compare_linear_loss,
+        bytes_moved=lambda s, dtype: _linear_bytes(s, dtype, 3),
+        default_providers=("ours", "materialize", "reference"),
+        flops=lambda s: 8 * s["N"] * s["d"] * s["V"],
+        expected=_float32_inputs(_linear_loss_provider(reference.linear_flow_grpo_loss)),
     ),
 }
-DEFAULT_PROVIDERS = ("ours", "reference")
+PROVIDERS = ("ours", "materialize", "reference", "compiled")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'64x32000,512x4096' → [(64, 32000), (512, 4096)]."""
+def parse_shapes(text: str, tokens: int) -> list[tuple[int, ...]]:
+    """'64x32000,512x64x4096,qwen2.5-7b' → [(64, 32000), (512, 64, 4096), (tokens, 3584, 152064)]."""
     shapes = []
     for part in text.split(","):
+        name = part.strip().lower()
+        if name in LM_HEAD_PRESETS:
+            shapes.append((tokens, *LM_HEAD_PRESETS[name]))
+            continue
         try:
-            n, v = (int(x) for x in part.lower().split("x"))
+            sizes = tuple(int(x) for x in name.split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {part!r} is not NxV (e.g. 512x32000)") from None
-        if n < 1 or v < 1:
-            raise argparse.ArgumentTypeError(f"shape {part!r}: N and V must be >= 1")
-        shapes.append((n, v))
+            sizes = ()
+        if len(sizes) not in (2, 3):
+            raise argparse.ArgumentTypeError(
+                f"shape {part!r} is not NxV (e.g. 512x32000), NxdxV (e.g. 512x1536x151936) "
+                f"or a preset ({', '.join(LM_HEAD_PRESETS)})"
+            )
+        if min(sizes) < 1:
+            raise argparse.ArgumentTypeError(f"shape {part!r}: every size must be >= 1")
+        shapes.append(sizes)
     return shapes
 
 
 def run(
     ops: list[str],
-    providers: list[str],
-    shapes: list[tuple[int, int]],
+    providers: list[str] | None,
+    shapes: list[tuple[int, ...]],
     dtype: torch.dtype,
     device: torch.device,
     *,
     warmup: int,
     repeats: int,
 ) -> list[BenchRow]:
-    """Every op × shape × provider; the reference runs first and is what the gate compares against."""
+    """Every op × shape of its rank × provider it has (None: its default providers); the gate's
+    expected result is computed first."""
     rows = []
     for op_name in ops:
         spec = OPS[op_name]
-        for n, v in shapes:
-            inp = spec.make_inputs(n, v, dtype, device)
+        names = [p for p in (providers or spec.default_providers) if p in spec.providers]
+        for sizes in (s for s in shapes if len(s) == len(spec.dims)):
+            shape = dict(zip(spec.dims, sizes))
+            inp = spec.make_inputs(shape, dtype, device)
             try:
-                expected = spec.providers["reference"](inp)
+                expected = (spec.expected or spec.providers["reference"])(inp)
             except torch.OutOfMemoryError:
                 expected = None
-            for provider in providers:
+            for provider in names:
                 fn = spec.providers[provider]
 
                 def gate(out: Any, spec: OpSpec = spec, expected: Any = expected) -> float:
@@ -196,12 +372,13 @@ def run(
                     run_case(
                         op=op_name,
                         provider=provider,
-                        shape={"N": n, "V": v},
+                        shape=shape,
                         dtype=dtype,
                         device=device,
                         fn=lambda fn=fn, inp=inp: fn(inp),
                         gate=gate,
-                        bytes_moved=spec.bytes_moved(n, v, dtype),
+                        bytes_moved=spec.bytes_moved(shape, dtype),
+                        flops=None if spec.flops is None else spec.flops(shape),
                         warmup=warmup,
                         repeats=repeats,
                     )
@@ -227,10 +404,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all of {list(OPS)})")
     parser.add_argument(
         "--providers",
-        default=",".join(DEFAULT_PROVIDERS),
-        help="comma-separated providers: ours, reference, compiled (default: ours,reference)",
+        default=None,
+        help=f"comma-separated providers of {list(PROVIDERS)}, each op runs those it has "
+        "(default: ours,reference; ours,materialize,reference for the linear ops)",
     )
-    parser.add_argument("--shapes", default=None, help=f"comma-separated NxV (default: {DEFAULT_SHAPES})")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated NxV, NxdxV or presets {list(LM_HEAD_PRESETS)}; each op runs those of its rank "
+        f"(default: {DEFAULT_SHAPES})",
+    )
+    parser.add_argument("--tokens", type=int, default=None, help=f"N of the preset shapes (default: {DEFAULT_TOKENS})")
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="logits dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
@@ -245,17 +429,21 @@ def main(args: argparse.Namespace) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     ops = [o for o in args.ops.split(",") if o]
-    providers = [p for p in args.providers.split(",") if p]
     for o in ops:
         if o not in OPS:
             print(f"error: unknown op {o!r}; known: {list(OPS)}", file=sys.stderr)
             return 2
-    for p in providers:
-        if any(p not in OPS[o].providers for o in ops):
-            print(f"error: unknown provider {p!r}; known: {sorted(OPS[ops[0]].providers)}", file=sys.stderr)
+    providers = None if args.providers is None else [p for p in args.providers.split(",") if p]
+    for p in providers or ():
+        if not any(p in OPS[o].providers for o in ops):
+            print(f"error: unknown provider {p!r} for ops {ops}; known: {list(PROVIDERS)}", file=sys.stderr)
             return 2
+    tokens = args.tokens if args.tokens is not None else DEFAULT_TOKENS[device.type]
+    if tokens < 1:
+        print(f"error: --tokens must be >= 1, got {tokens}", file=sys.stderr)
+        return 2
     try:
-        shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[device.type])
+        shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[device.type], tokens)
     except argparse.ArgumentTypeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,13 +3,26 @@
 Each op has a Triton kernel (CUDA), a chunked torch path (everywhere else), and a plain-torch
 reference in `kernels.reference`. This package imports only torch and triton.
 
-    token_logprobs(logits, targets, *, temperature, return_entropy, impl)       -> logp [N] (, entropy [N])
-    flow_grpo_loss(logits, targets, old_logprobs, advantages, loss_mask, ...)   -> LossOutput(loss, metrics)
+    token_logprobs(logits, targets, *, temperature, return_entropy, impl)     -> logp [N] (, entropy [N])
+    flow_grpo_loss(logits, targets, old_logprobs, advantages, loss_mask, ...) -> LossOutput(loss, metrics)
+    linear_token_logprobs(hidden, weight, targets, *, bias, ...)              -> token_logprobs of hidden @ weight.T + bias
+    linear_flow_grpo_loss(hidden, weight, targets, old_logprobs, ..., bias)   -> flow_grpo_loss of the same logits
+
+The `linear_*` ops fuse the LM head and never materialise the [N, V] logits.
 """
 
 from kernels import reference
 from kernels.flow_grpo_loss import flow_grpo_loss
+from kernels.linear_flow_grpo_loss import linear_flow_grpo_loss
+from kernels.linear_token_logprobs import linear_token_logprobs
 from kernels.token_logprobs import token_logprobs
 from kernels.utils import LossOutput
 
-__all__ = ["LossOutput", "flow_grpo_loss", "reference", "token_logprobs"]
+__all__ = [
+    "LossOutput",
+    "flow_grpo_loss",
+    "linear_flow_grpo_loss",
+    "linear_token_logprobs",
+    "reference",
+    "token_logprobs",
+]

@@ -25,9 +25,13 @@ Reusable pieces (the LM-head variant `linear_flow_grpo_loss` calls them):
   blocks: (loss_t, d loss_t/d logp, ratio, pg, kl, clipped, clipped_lower);
   `flow_grpo_token_terms_torch` is its torch twin. Both take unweighted terms; the caller applies
   w_t as `where(w ≠ 0, w·x, 0)` so masked tokens never turn an inf into a NaN.
+* `write_token_stats` — loads a row's (or a block of rows') per-token inputs, evaluates
+  `flow_grpo_token_terms` and stores the `STATS`; `token_stats_torch` is its torch twin.
 * `aggregation_weights` — w [N] and the number of counted sequences as device tensors (no sync).
-* `TokenLossParams` — validated hyperparameters; `finalize_metrics` — metrics and the value checks
-  of `kernels.validation` with one device→host sync.
+* `TokenLossParams` — validated hyperparameters; `prepare_loss_inputs` — every check of the
+  per-token inputs and their device-side preparation (`LossInputs`); `finalize_metrics` (via
+  `LossInputs.metrics`) — metrics and the value checks of `kernels.validation` with one sync.
+* `grad_coefficients` — the per-row coefficients (g on logp, h on H) of the backward.
 
 Forward kernel: one program per row streams the logits once (`_row_logsumexp_entropy`, shared with
 `token_logprobs`), then evaluates `flow_grpo_token_terms` and writes the O(N) stats (`STATS`):
@@ -113,6 +117,17 @@ class TokenLossParams:
     @property
     def kl_type_id(self) -> int:
         return KL_TYPES.index(self.kl_type) + 1
+
+    @property
+    def kernel_scalars(self) -> tuple[float, ...]:
+        """(clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef): the runtime arguments of kernels
+        that call `write_token_stats`, in its order."""
+        c = self.clip_ratio_c if self.clip_ratio_c is not None else 0.0
+        return (self.clip_low, self.clip_high, c, self.kl_coef, self.entropy_coef)
+
+    def kernel_constexprs(self, has_ref: bool) -> dict[str, object]:
+        """HAS_REF, DUAL_CLIP and KL_TYPE of kernels that call `write_token_stats`."""
+        return {"HAS_REF": has_ref, "DUAL_CLIP": self.clip_ratio_c is not None, "KL_TYPE": self.kl_type_id}
 
 
 @triton.jit
@@ -237,6 +252,65 @@ def aggregation_weights(
 
 
 @triton.jit
+def write_token_stats(
+    stats_ptr,
+    rows,
+    row_ok,
+    N,
+    logp,
+    lse,
+    entropy,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    w_ptr,
+    clip_low,
+    clip_high,
+    clip_ratio_c,
+    kl_coef,
+    entropy_coef,
+    HAS_REF: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+):
+    """Load the per-token inputs of `rows` (a row index or a block of them), evaluate
+    `flow_grpo_token_terms` and store the `STATS` columns of those rows (where `row_ok`)."""
+    old = tl.load(old_ptr + rows, mask=row_ok, other=0.0)
+    adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
+    ref = 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0)
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    loss, dloss, ratio, pg, kl, clipped, lower = flow_grpo_token_terms(
+        logp,
+        old,
+        adv,
+        ref,
+        entropy,
+        clip_low,
+        clip_high,
+        clip_ratio_c,
+        kl_coef,
+        entropy_coef,
+        HAS_REF=HAS_REF,
+        DUAL_CLIP=DUAL_CLIP,
+        KL_TYPE=KL_TYPE,
+    )
+    counted = w != 0.0  # masked-out tokens contribute exactly 0, even where their terms are inf
+    out = stats_ptr + rows
+    tl.store(out + 0 * N, logp, mask=row_ok)
+    tl.store(out + 1 * N, lse, mask=row_ok)
+    tl.store(out + 2 * N, entropy, mask=row_ok)
+    tl.store(out + 3 * N, ratio, mask=row_ok)
+    tl.store(out + 4 * N, pg, mask=row_ok)
+    tl.store(out + 5 * N, kl, mask=row_ok)
+    tl.store(out + 6 * N, clipped.to(tl.float32), mask=row_ok)
+    tl.store(out + 7 * N, lower.to(tl.float32), mask=row_ok)
+    tl.store(out + 8 * N, tl.where(counted, w * loss, 0.0), mask=row_ok)
+    tl.store(out + 9 * N, tl.where(counted, w * dloss, 0.0), mask=row_ok)
+
+
+@triton.jit
 def _flow_grpo_loss_fwd_kernel(
     logits_ptr,
     targets_ptr,
@@ -264,18 +338,18 @@ def _flow_grpo_loss_fwd_kernel(
     lse, logp, entropy = _row_logsumexp_entropy(
         logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V
     )
-    old = tl.load(old_ptr + row)
-    adv = tl.load(adv_ptr + row)
-    ref = 0.0
-    if HAS_REF:
-        ref = tl.load(ref_ptr + row)
-    w = tl.load(w_ptr + row)
-    loss, dloss, ratio, pg, kl, clipped, lower = flow_grpo_token_terms(
+    write_token_stats(
+        stats_ptr,
+        row,
+        row < N,
+        N,
         logp,
-        old,
-        adv,
-        ref,
+        lse,
         entropy,
+        old_ptr,
+        adv_ptr,
+        ref_ptr,
+        w_ptr,
         clip_low,
         clip_high,
         clip_ratio_c,
@@ -285,18 +359,6 @@ def _flow_grpo_loss_fwd_kernel(
         DUAL_CLIP=DUAL_CLIP,
         KL_TYPE=KL_TYPE,
     )
-    counted = w != 0.0  # masked-out tokens contribute exactly 0, even where their terms are inf
-    out = stats_ptr + row
-    tl.store(out + 0 * N, logp)
-    tl.store(out + 1 * N, lse)
-    tl.store(out + 2 * N, entropy)
-    tl.store(out + 3 * N, ratio)
-    tl.store(out + 4 * N, pg)
-    tl.store(out + 5 * N, kl)
-    tl.store(out + 6 * N, clipped.to(tl.float32))
-    tl.store(out + 7 * N, lower.to(tl.float32))
-    tl.store(out + 8 * N, tl.where(counted, w * loss, 0.0))
-    tl.store(out + 9 * N, tl.where(counted, w * dloss, 0.0))
 
 
 def flow_grpo_loss_fwd(
@@ -328,14 +390,8 @@ def flow_grpo_loss_fwd(
         n,
         v,
         1.0 / temperature,
-        params.clip_low,
-        params.clip_high,
-        params.clip_ratio_c if params.clip_ratio_c is not None else 0.0,
-        params.kl_coef,
-        params.entropy_coef,
-        HAS_REF=has_ref,
-        DUAL_CLIP=params.clip_ratio_c is not None,
-        KL_TYPE=params.kl_type_id,
+        *params.kernel_scalars,
+        **params.kernel_constexprs(has_ref),
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -355,11 +411,25 @@ def flow_grpo_loss_fwd_torch(
 ) -> torch.Tensor:
     """Chunked torch twin of `flow_grpo_loss_fwd` (same stats)."""
     logp, entropy, lse = token_logprobs_fwd_torch(logits, targets, temperature=temperature, with_entropy=True)
+    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, params)
+
+
+def token_stats_torch(
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    weights: torch.Tensor,
+    params: TokenLossParams,
+) -> torch.Tensor:
+    """Torch twin of `write_token_stats`: the float32 stats [len(STATS), N] from the per-token log-probs."""
     loss, dloss, ratio, pg, kl, clipped, lower = flow_grpo_token_terms_torch(
         logp, old_logprobs, advantages, ref_logprobs, entropy, params
     )
     counted = weights != 0
-    stats = output_buffer((len(STATS), logits.shape[0]), dtype=torch.float32, device=logits.device)
+    stats = output_buffer((len(STATS), logp.shape[0]), dtype=torch.float32, device=logp.device)
     for i, x in enumerate(
         (
             logp,
@@ -378,6 +448,15 @@ def flow_grpo_loss_fwd_torch(
     return stats
 
 
+def grad_coefficients(
+    stats: torch.Tensor, weights: torch.Tensor, grad_loss: torch.Tensor, entropy_coef: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row coefficients (g on logp, h on H, or None) of d(grad_loss · loss): g = g_t·grad, h = −w·entropy_coef·grad."""
+    g = stats[DLOGP] * grad_loss
+    h = None if entropy_coef == 0.0 else weights * (-entropy_coef) * grad_loss
+    return g, h
+
+
 def flow_grpo_loss_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -390,9 +469,8 @@ def flow_grpo_loss_bwd(
     inplace: bool = False,
     impl: str = "triton",
 ) -> torch.Tensor:
-    """d logits of `grad_loss · loss`: g = g_t·grad, h = −w·entropy_coef·grad, through `token_logprobs_bwd`."""
-    g = stats[DLOGP] * grad_loss
-    h = None if entropy_coef == 0.0 else weights * (-entropy_coef) * grad_loss
+    """d logits of `grad_loss · loss` (`grad_coefficients`) through `token_logprobs_bwd`."""
+    g, h = grad_coefficients(stats, weights, grad_loss, entropy_coef)
     bwd = token_logprobs_bwd if impl == "triton" else token_logprobs_bwd_torch
     return bwd(logits, targets, stats[LSE], stats[ENTROPY], g, h, temperature=temperature, inplace=inplace)
 
@@ -495,6 +573,81 @@ def finalize_metrics(
     }
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """The checked, device-side inputs of one loss call besides the logits (or hidden states and LM head)."""
+
+    params: TokenLossParams
+    mask: torch.Tensor  # bool [N]
+    weights: torch.Tensor  # float32 [N], `aggregation_weights`
+    num_seqs: torch.Tensor  # 0-d, sequences with a masked token
+    old: torch.Tensor  # float32 contiguous [N], no gradient
+    adv: torch.Tensor
+    ref: torch.Tensor | None
+    cu_invalid: torch.Tensor | None  # 0-d flags, checked with the one sync
+    mask_invalid: torch.Tensor | None
+
+    def metrics(self, stats: torch.Tensor, diagnose_rows: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        """`finalize_metrics` of the stats a forward wrote (the call's one device→host sync)."""
+        return finalize_metrics(
+            stats,
+            self.mask,
+            self.num_seqs,
+            per_token_inputs={"old_logprobs": self.old, "advantages": self.adv, "ref_logprobs": self.ref},
+            cu_invalid=self.cu_invalid,
+            mask_invalid=self.mask_invalid,
+            diagnose_rows=diagnose_rows,
+        )
+
+
+def prepare_loss_inputs(
+    n: int,
+    device: torch.device,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float | None,
+    kl_coef: float,
+    kl_type: str,
+    entropy_coef: float,
+    loss_agg: str,
+) -> LossInputs:
+    """Check the per-token inputs and hyperparameters of a loss over N tokens (no sync) and prepare them."""
+    check_targets(targets, n, device)
+    check_per_token(old_logprobs, n, device, "old_logprobs")
+    check_per_token(advantages, n, device, "advantages")
+    check_per_token(ref_logprobs, n, device, "ref_logprobs")
+    check_loss_mask(loss_mask, n, device)
+    check_cu_seqlens(cu_seqlens, device)
+    params = TokenLossParams(clip_low, clip_high, clip_ratio_c, kl_type, float(kl_coef), float(entropy_coef))
+    if params.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs of the targets)")
+    mask = loss_mask if loss_mask.dtype == torch.bool else loss_mask != 0
+    mask_invalid = None if loss_mask.dtype == torch.bool else ((loss_mask != 0) & (loss_mask != 1)).any()
+    weights, num_seqs = aggregation_weights(mask, cu_seqlens, loss_agg)
+
+    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.detach().to(torch.float32).contiguous()
+
+    return LossInputs(
+        params=params,
+        mask=mask,
+        weights=weights,
+        num_seqs=num_seqs,
+        old=per_token(old_logprobs),
+        adv=per_token(advantages),
+        ref=per_token(ref_logprobs),
+        cu_invalid=cu_seqlens_invalid(cu_seqlens, n),
+        mask_invalid=mask_invalid,
+    )
+
+
 def flow_grpo_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -525,37 +678,27 @@ def flow_grpo_loss(
     afterwards. Costs one device→host sync (metrics and the value checks together).
     """
     n, _ = check_logits(logits)
-    dev = logits.device
-    check_targets(targets, n, dev)
-    check_per_token(old_logprobs, n, dev, "old_logprobs")
-    check_per_token(advantages, n, dev, "advantages")
-    check_per_token(ref_logprobs, n, dev, "ref_logprobs")
-    check_loss_mask(loss_mask, n, dev)
-    check_cu_seqlens(cu_seqlens, dev)
     temperature = check_temperature(temperature)
-    params = TokenLossParams(clip_low, clip_high, clip_ratio_c, kl_type, float(kl_coef), float(entropy_coef))
-    if params.kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs of the targets)")
-    impl = resolve_impl(impl, dev, _flow_grpo_loss_fwd_kernel)
-
-    mask = loss_mask if loss_mask.dtype == torch.bool else loss_mask != 0
-    mask_invalid = None if loss_mask.dtype == torch.bool else ((loss_mask != 0) & (loss_mask != 1)).any()
-    weights, num_seqs = aggregation_weights(mask, cu_seqlens, loss_agg)
-
-    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.detach().to(torch.float32).contiguous()
-
-    old, adv, ref = per_token(old_logprobs), per_token(advantages), per_token(ref_logprobs)
+    inp = prepare_loss_inputs(
+        n,
+        logits.device,
+        targets,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        cu_seqlens=cu_seqlens,
+        ref_logprobs=ref_logprobs,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        loss_agg=loss_agg,
+    )
+    impl = resolve_impl(impl, logits.device, _flow_grpo_loss_fwd_kernel)
     loss, stats = FlowGRPOLossFunction.apply(
-        logits, targets, old, adv, ref, weights, temperature, params, impl, inplace_backward
+        logits, targets, inp.old, inp.adv, inp.ref, inp.weights, temperature, inp.params, impl, inplace_backward
     )
-    metrics = finalize_metrics(
-        stats,
-        mask,
-        num_seqs,
-        per_token_inputs={"old_logprobs": old, "advantages": adv, "ref_logprobs": ref},
-        cu_invalid=cu_seqlens_invalid(cu_seqlens, n),
-        mask_invalid=mask_invalid,
-        diagnose_rows=lambda logp: raise_for_bad_rows(logits.detach(), targets, logp),
-    )
+    metrics = inp.metrics(stats, lambda logp: raise_for_bad_rows(logits.detach(), targets, logp))
     return LossOutput(loss=loss, metrics=metrics)

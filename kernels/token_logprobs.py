@@ -289,8 +289,14 @@ def token_logprobs_bwd_torch(
     *,
     temperature: float = 1.0,
     inplace: bool = False,
+    col_offset: int = 0,
 ) -> torch.Tensor:
-    """Chunked torch twin of `token_logprobs_bwd`."""
+    """Chunked torch twin of `token_logprobs_bwd`.
+
+    col_offset: `logits` are the vocabulary columns [col_offset, col_offset + V) of wider logits
+    whose `lse` and `entropy` are given (the LM-head variant works in vocabulary blocks); a target
+    outside these columns contributes no one-hot term.
+    """
     n, v = logits.shape
     dlogits = logits if inplace else output_buffer((n, v), dtype=logits.dtype, device=logits.device)
     inv_t = 1.0 / temperature  # one rounding of 1/T, as in the kernel: for V = 1 the gradient is exactly 0
@@ -299,7 +305,10 @@ def token_logprobs_bwd_torch(
     if h is not None:
         h = h.to(torch.float32).unsqueeze(1)
         entropy = entropy.unsqueeze(1)
-    t = targets.long().unsqueeze(1)
+    t = targets.long().unsqueeze(1) - col_offset
+    hit = (t >= 0) & (t < v)
+    t = t.clamp(0, v - 1)
+    g_hit = torch.where(hit, g_t, 0.0)
     direct = inplace and logits.dtype == torch.float32  # compute straight in the logits buffer
     rows = torch_chunk_rows(v, logits.device)
     for i in range(0, n, rows):
@@ -315,7 +324,7 @@ def token_logprobs_bwd_torch(
             p = torch.exp(z)  # [rows, V]
             # −p (g + h (log p + H)) / T; the floor as in the forward (p = 0 there)
             z.clamp_min_(_LOGP_FLOOR).add_(entropy[sl]).mul_(h[sl]).add_(g[sl]).mul_(p).mul_(-inv_t)
-        z.scatter_add_(1, t[sl], g_t[sl])  # + g onehot / T
+        z.scatter_add_(1, t[sl], g_hit[sl])  # + g onehot / T
         if not direct:
             dlogits[sl] = z
         del z, p  # before the next chunk is allocated: at most two chunks live

@@ -140,19 +140,28 @@ def resolve_impl(impl: str, device: torch.device, kernel: object) -> str:
     return impl
 
 
-def raise_for_bad_rows(logits: torch.Tensor, targets: torch.Tensor, logp: torch.Tensor, name: str = "logits") -> None:
+def raise_for_bad_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    name: str = "logits",
+    *,
+    row_ids: torch.Tensor | None = None,
+) -> None:
     """Called when some row's log-prob is non-finite: raise a ValueError that names rows and cause.
 
-    Runs only on the error path, so it may look at the offending rows of `logits` in full.
+    Runs only on the error path, so it may look at the offending rows of `logits` in full. With
+    `row_ids`, `logits`, `targets` and `logp` hold only those rows of the batch, named by these ids.
     """
     bad = (~torch.isfinite(logp)).nonzero().flatten()
     if bad.numel() == 0:
         return
+    ids = bad if row_ids is None else row_ids[bad]
     v = logits.shape[1]
     t = targets[bad].long()
     out_of_range = (t < 0) | (t >= v)
     if out_of_range.any():
-        rows = bad[out_of_range][:8].tolist()
+        rows = ids[out_of_range][:8].tolist()
         vals = t[out_of_range][:8].tolist()
         raise ValueError(
             f"targets out of range [0, V) = [0, {v}) at rows {rows} (values {vals}); targets must be valid token ids "
@@ -163,17 +172,120 @@ def raise_for_bad_rows(logits: torch.Tensor, targets: torch.Tensor, logp: torch.
     has_pinf = (rows_z == float("inf")).any(dim=1)
     if (has_nan | has_pinf).any():
         sel = has_nan | has_pinf
-        rows = bad[sel][:8].tolist()
+        rows = ids[sel][:8].tolist()
         kinds = ["NaN" if a else "+inf" for a in has_nan[sel][:8].tolist()]
         raise ValueError(
             f"{name} contain non-finite values (NaN or +inf) in {int(sel.sum())} row(s), e.g. rows {rows} ({kinds}); "
             "check the model's forward pass (overflow in half precision, a diverged update)"
         )
     target_logit = rows_z.gather(1, t.unsqueeze(1)).squeeze(1)
-    rows = bad[:8].tolist()
+    rows = ids[:8].tolist()
     if not torch.isfinite(target_logit).all():
         raise ValueError(
             f"the target's logit is -inf at rows {rows}: -inf logits (masked vocabulary entries) are allowed only "
             "where they are not the target, whose log-prob would be -inf"
         )
     raise ValueError(f"non-finite log-probs at rows {rows} (the {name} of these rows are all -inf?)")
+
+
+# Rows of logits the linear ops materialise to name the cause of non-finite log-probs (error path only).
+DIAGNOSED_ROWS = 64
+
+
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """hidden [N, d], the LM head's weight [V, d] and bias [V] (or None): one float dtype, one device.
+
+    Returns (N, d, V). The logits `hidden @ weight.T + bias` are never formed, so these are the
+    checks `check_logits` makes on them, plus the agreement of the three.
+    """
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be 2-D [N, d] (tokens × hidden size), got shape {tuple(hidden.shape)}; "
+            "flatten batch dimensions first, e.g. hidden.reshape(-1, hidden.shape[-1])"
+        )
+    n, d = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(
+            f"weight (the LM head) must be 2-D [V, d] with d = {d} as in hidden [N, d] = {list(hidden.shape)}, "
+            f"got shape {tuple(weight.shape)}; pass the head's weight as stored by nn.Linear(d, V) (not transposed)"
+        )
+    v = weight.shape[0]
+    if hidden.dtype not in LOGIT_DTYPES:
+        raise TypeError(
+            f"hidden dtype must be one of {[_dtype_name(t) for t in LOGIT_DTYPES]}, got {_dtype_name(hidden.dtype)}"
+            + ("; for float64 use kernels.reference" if hidden.dtype == torch.float64 else "")
+        )
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is None:
+            continue
+        if x.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} is {_dtype_name(x.dtype)} but hidden is {_dtype_name(hidden.dtype)}: the product is taken in "
+                f"one dtype (float32 accumulation); cast first, e.g. {name}.to(hidden.dtype)"
+            )
+        if x.device != hidden.device:
+            raise ValueError(
+                f"{name} is on {x.device} but hidden is on {hidden.device}: move it with .to(hidden.device)"
+            )
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape [V] = ({v},) to match weight [V, d], got {tuple(bias.shape)}")
+    if n == 0:
+        raise ValueError("hidden is empty (N = 0 tokens): pass at least one token")
+    if d == 0:
+        raise ValueError("hidden has an empty feature dimension (d = 0)")
+    if v == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    return n, d, v
+
+
+def raise_for_bad_linear_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+) -> None:
+    """`raise_for_bad_rows` for the linear ops, which never hold the logits `hidden @ weight.T + bias`.
+
+    Names a non-finite input of the product first (hidden rows, LM-head rows, NaN/+inf bias entries;
+    a -inf bias masks a vocabulary entry and is allowed), then materialises in float32 the logits of
+    at most `DIAGNOSED_ROWS` bad rows (in vocabulary chunks) for the causes `raise_for_bad_rows` names.
+    """
+    bad = (~torch.isfinite(logp)).nonzero().flatten()
+    if bad.numel() == 0:
+        return
+    rows_h = bad[~torch.isfinite(hidden[bad]).all(dim=1)]
+    if rows_h.numel():
+        raise ValueError(
+            f"hidden contains non-finite values (NaN or inf) in {rows_h.numel()} row(s), e.g. rows "
+            f"{rows_h[:8].tolist()}; check the model's forward pass (overflow in half precision, a diverged update)"
+        )
+    rows_w = (~torch.isfinite(weight).all(dim=1)).nonzero().flatten()
+    if rows_w.numel():
+        raise ValueError(
+            f"weight (the LM head) contains non-finite values (NaN or inf) in {rows_w.numel()} vocabulary row(s), "
+            f"e.g. rows {rows_w[:8].tolist()}; the parameters have diverged (check the learning rate and clipping)"
+        )
+    if bias is not None:
+        cols_b = (torch.isnan(bias) | (bias == float("inf"))).nonzero().flatten()
+        if cols_b.numel():
+            raise ValueError(
+                f"bias contains NaN or +inf at {cols_b.numel()} vocabulary entries, e.g. {cols_b[:8].tolist()} "
+                "(-inf is allowed: it masks an entry)"
+            )
+    sub = bad[:DIAGNOSED_ROWS]
+    h = hidden[sub].float()
+    chunk = max(1, (64 << 20) // (4 * hidden.shape[1]))  # float32 copies of weight rows, 64 MiB at a time
+    logits = torch.cat(
+        [
+            torch.nn.functional.linear(
+                h, weight[j : j + chunk].float(), None if bias is None else bias[j : j + chunk].float()
+            )
+            for j in range(0, weight.shape[0], chunk)
+        ],
+        dim=1,
+    )
+    raise_for_bad_rows(logits, targets[sub], logp[sub], "logits (hidden @ weight.T + bias)", row_ids=sub)

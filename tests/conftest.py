@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 
+# The interpreter runs each tl.dot as a numpy matmul; on a busy 2-core machine OpenBLAS's threads wait
+# more than they multiply (an interpreter test of 257×96×5003 logits: 17 s with its threads, 3 s with
+# one). It must be set before numpy is loaded (importing torch loads it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()

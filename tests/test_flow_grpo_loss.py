@@ -1,6 +1,6 @@
 """`kernels.flow_grpo_loss` against a float64 gold: loss, every metric and d logits, on both paths.
 
-The gold (`gold_loss`) is float64 autograd over the DESIGN.md "Loss" formulas written out here, with
+The gold (`gold_loss`, tests/gold.py) is float64 autograd over the DESIGN.md "Loss" formulas, with
 the aggregation weights computed by a plain Python loop over the sequences, independently of the
 kernels and of `kernels.reference` (which is checked against it too). Gradient conventions are
 autograd's: no gradient where the clipped term strictly dominates, where the dual clip is active,
@@ -20,7 +20,6 @@ fp16 ≤ 3.4e-4, bf16 ≤ 6.2e-3 (bf16 rounding; truncation under the interprete
 from __future__ import annotations
 
 import importlib
-import itertools
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gold import AGGS, CONFIGS, METRICS, config_id, gold_loss, make_inputs
 
 from kernels import LossOutput, flow_grpo_loss, reference
 from kernels.testing import AllocationTracker, assert_close
@@ -38,132 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH = pytest.param("torch", id="torch")
 TRITON = pytest.param("triton", id="triton", marks=pytest.mark.interpreter)
 F32, BF16 = torch.float32, torch.bfloat16
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KLS = ("k1", "k2", "k3")
-METRICS = (
-    "clipfrac",
-    "clipfrac_lower",
-    "kl",
-    "entropy",
-    "pg_loss",
-    "ratio_mean",
-    "ratio_max",
-    "num_tokens",
-    "num_seqs",
-)
-# every (loss_agg, kl_type, dual clip) combination; entropy_coef alternates between 0 and 0.01
-CONFIGS = [
-    {"loss_agg": agg, "kl_type": kl, "clip_ratio_c": c, "entropy_coef": 0.01 * (i % 2), "kl_coef": 0.05}
-    for i, (agg, kl, c) in enumerate(itertools.product(AGGS, KLS, (None, 3.0)))
-]
-
-
-def config_id(cfg):
-    return f"{cfg['loss_agg']}-{cfg['kl_type']}-{'dual' if cfg['clip_ratio_c'] else 'nodual'}-ent{cfg['entropy_coef']}"
-
-
-def gold_loss(
-    logits,
-    targets,
-    old_logprobs,
-    advantages,
-    loss_mask,
-    *,
-    cu_seqlens=None,
-    ref_logprobs=None,
-    temperature=1.0,
-    clip_low=0.2,
-    clip_high=0.3,
-    clip_ratio_c=None,
-    kl_coef=0.0,
-    kl_type="k3",
-    entropy_coef=0.0,
-    loss_agg="token-mean",
-):
-    """float64 (loss, metrics, d loss / d logits) from the definitions."""
-    z = logits.detach().to(torch.float64).requires_grad_()
-    logp_all = torch.log_softmax(z / temperature, dim=-1)
-    p = logp_all.exp()
-    logp = logp_all.gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-    A = advantages.double()
-    ratio = torch.exp(logp - old_logprobs.double())
-    pg1 = -A * ratio
-    pg2 = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    lower = torch.zeros_like(clipped)
-    if clip_ratio_c is not None:
-        lower = (pg > -A * clip_ratio_c) & (A < 0)
-        pg = torch.where(A < 0, torch.minimum(pg, -A * clip_ratio_c), pg)
-    kl = torch.zeros_like(logp)
-    if ref_logprobs is not None:
-        d = logp - ref_logprobs.double()
-        if kl_type == "k1":
-            kl = d
-        elif kl_type == "k2":
-            kl = 0.5 * d**2
-        else:
-            kl = (torch.exp(-d) + d - 1).clamp(-10, 10)
-    loss_t = pg + kl_coef * kl - entropy_coef * entropy
-
-    n = logits.shape[0]
-    m = [bool(b) for b in loss_mask.tolist()]
-    bounds = [0, n] if cu_seqlens is None else cu_seqlens.tolist()
-    seqs = [(s, e) for s, e in itertools.pairwise(bounds) if any(m[s:e])]
-    w = [0.0] * n
-    for s, e in seqs:
-        n_s = sum(m[s:e])
-        for t in range(s, e):
-            if m[t]:
-                w[t] = {
-                    "token-mean": 1.0 / sum(m),
-                    "seq-mean-token-mean": 1.0 / (n_s * len(seqs)),
-                    "seq-mean-token-sum": 1.0 / len(seqs),
-                }[loss_agg]
-    loss = (torch.tensor(w, dtype=torch.float64, device=z.device) * loss_t).sum()
-    (grad,) = torch.autograd.grad(loss, z)
-    mb = torch.tensor(m, dtype=torch.bool, device=z.device)
-    count = int(mb.sum())
-    if count == 0:
-        metrics = dict.fromkeys(METRICS, 0.0)
-    else:
-        metrics = {
-            "clipfrac": clipped[mb].double().mean().item(),
-            "clipfrac_lower": lower[mb].double().mean().item(),
-            "kl": kl[mb].mean().item(),
-            "entropy": entropy[mb].mean().item(),
-            "pg_loss": pg[mb].mean().item(),
-            "ratio_mean": ratio[mb].mean().item(),
-            "ratio_max": ratio[mb].max().item(),
-            "num_tokens": float(count),
-            "num_seqs": float(len(seqs)),
-        }
-    return loss.detach(), metrics, grad
-
-
-def make_inputs(n, v, dtype, seed=0, temperature=1.0, device="cpu"):
-    """Logits, targets and per-token inputs that exercise every branch of the loss."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * 2).to(dtype)
-    targets = torch.randint(0, v, (n,), generator=g)
-    logp = torch.log_softmax(logits.double() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
-    old = (logp - (torch.rand(n, generator=g) * 3.2 - 1.6)).float()  # ratio in [0.2, 5]
-    choices = torch.tensor([-1.5, -0.4, 0.0, 0.7, 2.0])
-    adv = choices[torch.randint(0, len(choices), (n,), generator=g)]
-    ref = (logp + torch.randn(n, generator=g) * 2).float()
-    mask = torch.rand(n, generator=g) > 0.25
-    if n >= 8:  # sequences: an empty one and a fully masked one among them
-        cuts = sorted(torch.randint(1, n, (4,), generator=g).tolist())
-        cu = [0, cuts[0], cuts[0], *cuts[1:], n]
-        mask[cu[3] : cu[4]] = False
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-    else:
-        mask[0] = True
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32)
-    tensors = {"logits": logits, "targets": targets, "old_logprobs": old, "advantages": adv}
-    tensors |= {"loss_mask": mask, "cu_seqlens": cu_seqlens, "ref_logprobs": ref}
-    return {k: t.to(device) for k, t in tensors.items()}
 
 
 def check(impl, n, v, dtype, cfg, *, temperature=0.8, seed=0, inplace=False, device="cpu"):

@@ -1,6 +1,6 @@
 """`kernels.token_logprobs` against a float64 gold, forward and backward, on both paths.
 
-The gold is float64 autograd over `log_softmax` of the same logit values (bf16 logits are upcast
+The gold (`gold_logprobs`, tests/gold.py) is float64 autograd over `log_softmax` of the same logit values (bf16 logits are upcast
 exactly), written here from the definition, independently of the kernels and the reference.
 Paths: the chunked torch path (default lane) and the Triton kernels (`interpreter` lane: run with
 TRITON_INTERPRET=1 on CPU, compiled on CUDA). Outputs are NaN-poisoned before the kernels write
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gold import gold_logprobs
 
 from kernels import reference, token_logprobs
 from kernels.testing import AllocationTracker, assert_close
@@ -34,22 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH = pytest.param("torch", id="torch")
 TRITON = pytest.param("triton", id="triton", marks=pytest.mark.interpreter)
 F32, BF16 = torch.float32, torch.bfloat16
-
-
-def gold(logits, targets, temperature, grad_logp=None, grad_entropy=None):
-    """float64 (logp, entropy, d(Σ grad_logp·logp + grad_entropy·H)/d logits) from the definitions."""
-    z = logits.detach().to(torch.float64).requires_grad_()
-    logp_all = torch.log_softmax(z / temperature, dim=-1)
-    p = logp_all.exp()
-    logp = logp_all.gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)  # p log p = 0 where p = 0
-    grad = None
-    if grad_logp is not None:
-        obj = (grad_logp.double() * logp).sum()
-        if grad_entropy is not None:
-            obj = obj + (grad_entropy.double() * entropy).sum()
-        (grad,) = torch.autograd.grad(obj, z)
-    return logp.detach(), entropy.detach(), grad
 
 
 def make(n, v, dtype, seed=0, scale=3.0, device="cpu"):
@@ -70,7 +55,7 @@ def check(impl, n, v, dtype, temperature, return_entropy, seed=0, device="cpu"):
     assert logp.dtype == torch.float32 and logp.shape == (n,)
     obj = (grad_logp * logp).sum() + ((grad_ent * ent).sum() if return_entropy else 0.0)
     obj.backward()
-    g_logp, g_ent, g_grad = gold(logits, targets, temperature, grad_logp, grad_ent)
+    g_logp, g_ent, g_grad = gold_logprobs(logits, targets, temperature, grad_logp, grad_ent)
     assert_close(logp, g_logp, dtype=F32, name="logp")
     if return_entropy:
         assert ent.dtype == torch.float32
@@ -83,7 +68,7 @@ def check(impl, n, v, dtype, temperature, return_entropy, seed=0, device="cpu"):
 @pytest.mark.parametrize("v", [1, 97, 1000, 50257])
 @pytest.mark.parametrize("n", [1, 63, 257])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_torch_path_matches_gold(n, v, dtype, temperature):
+def test_torch_path_matches_gold_logprobs(n, v, dtype, temperature):
     check("torch", n, v, dtype, temperature, return_entropy=True)
 
 
@@ -91,7 +76,7 @@ def test_torch_path_matches_gold(n, v, dtype, temperature):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("v", [1, 97, 1000])
 @pytest.mark.parametrize("n", [1, 63, 257])
-def test_triton_matches_gold(n, v, dtype):
+def test_triton_matches_gold_logprobs(n, v, dtype):
     check("triton", n, v, dtype, 0.7, return_entropy=True)
 
 
@@ -125,7 +110,7 @@ def test_masked_vocabulary_entries(impl):
     x = logits.clone().requires_grad_()
     logp, ent = token_logprobs(x, targets, temperature=0.9, return_entropy=True, impl=impl)
     ((gl * logp).sum() + (gh * ent).sum()).backward()
-    g_logp, g_ent, g_grad = gold(logits, targets, 0.9, gl, gh)
+    g_logp, g_ent, g_grad = gold_logprobs(logits, targets, 0.9, gl, gh)
     assert_close(logp, g_logp, dtype=F32, name="logp")
     assert_close(ent, g_ent, dtype=F32, name="entropy")
     assert_close(x.grad, g_grad, dtype=F32, name="d logits")
@@ -142,7 +127,7 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(impl, dtype):
     x = base * 1  # a non-leaf whose buffer the backward may reuse (as the output of an LM head would be)
     logp, ent = token_logprobs(x, targets, temperature=0.8, return_entropy=True, impl=impl, inplace_backward=True)
     ((gl * logp).sum() + (gh * ent).sum()).backward()
-    _, _, g_grad = gold(logits, targets, 0.8, gl, gh)
+    _, _, g_grad = gold_logprobs(logits, targets, 0.8, gl, gh)
     assert_close(base.grad, g_grad, dtype=dtype, name="d logits (in place)")
     assert torch.equal(x.detach(), base.grad), "the gradient must live in the logits buffer"
 
@@ -159,13 +144,13 @@ def test_no_grad_forward(impl):
     logits, targets = make(63, 97, BF16)
     with torch.no_grad():
         logp = token_logprobs(logits, targets, impl=impl)
-    assert_close(logp, gold(logits, targets, 1.0)[0], dtype=F32, name="logp")
+    assert_close(logp, gold_logprobs(logits, targets, 1.0)[0], dtype=F32, name="logp")
 
 
-def test_reference_agrees_with_gold():
+def test_reference_agrees_with_gold_logprobs():
     logits, targets = make(63, 1000, F32)
     logp, ent = reference.token_logprobs(logits.double(), targets, temperature=0.7, return_entropy=True)
-    g_logp, g_ent, _ = gold(logits, targets, 0.7)
+    g_logp, g_ent, _ = gold_logprobs(logits, targets, 0.7)
     assert logp.dtype == torch.float64
     assert_close(logp, g_logp, dtype=torch.float64, name="reference logp")
     assert_close(ent, g_ent, dtype=torch.float64, name="reference entropy")
@@ -247,7 +232,9 @@ class TestBadInput:
     def test_non_contiguous_logits_are_fine(self, impl):
         logits, targets = make(8, 194, F32)
         strided = logits[:, ::2]
-        assert_close(token_logprobs(strided, targets % 97, impl=impl), gold(strided, targets % 97, 1.0)[0], dtype=F32)
+        assert_close(
+            token_logprobs(strided, targets % 97, impl=impl), gold_logprobs(strided, targets % 97, 1.0)[0], dtype=F32
+        )
 
 
 def test_unknown_impl():
@@ -282,7 +269,7 @@ def test_gpu_compiled_kernels(dtype):
     x = logits.clone().requires_grad_()
     logp, ent = token_logprobs(x, targets, temperature=0.9, return_entropy=True, impl="auto")
     ((gl * logp).sum() + (gh * ent).sum()).backward()
-    g_logp, g_ent, g_grad = gold(logits, targets, 0.9, gl, gh)
+    g_logp, g_ent, g_grad = gold_logprobs(logits, targets, 0.9, gl, gh)
     assert_close(logp, g_logp, dtype=F32, name="logp")
     assert_close(ent, g_ent, dtype=F32, name="entropy")
     assert_close(x.grad, g_grad, dtype=dtype, name="d logits")
@@ -300,7 +287,7 @@ def test_gpu_row_offsets_beyond_2_31():
     gl[-4:] = 1.0
     logp.backward(gl)
     rows = slice(n - 4, n)
-    g_logp, _, g_grad = gold(logits[rows], targets[rows], 1.0, gl[rows])
+    g_logp, _, g_grad = gold_logprobs(logits[rows], targets[rows], 1.0, gl[rows])
     assert_close(logp[rows], g_logp, dtype=F32, name="logp (last rows)")
     assert_close(x.grad[rows], g_grad, dtype=BF16, name="d logits (last rows)")
     assert (x.grad[: n - 4] == 0).all()

@@ -1,0 +1,254 @@
+"""Fused LM head + log-probs + Flow-GRPO loss that never materialises the [N, V] logits.
+
+`linear_flow_grpo_loss(hidden, weight, targets, ...)` is `flow_grpo_loss` on the logits
+`hidden @ weight.T + bias` (product accumulated in float32): same `.loss`, same `.metrics`, and a
+loss differentiable with respect to hidden, weight and bias. For a 7B-class planner (V = 152k) a
+16k-token micro-batch would otherwise hold 5 GB of bf16 logits and 10 GB of float32 gradients.
+
+It is assembled from the two landed ops, with no formula of its own:
+
+* forward: the vocabulary tile pass of `linear_token_logprobs` (partial softmax statistics per
+  token block and vocabulary split, see `kernels.linear_token_logprobs`), then one small kernel
+  (`_linear_flow_grpo_loss_fwd_kernel`) that merges the splits into (lse, logp, H) and writes the
+  O(N) `STATS` of `flow_grpo_loss` through `write_token_stats` (the per-token Flow-GRPO math of
+  `flow_grpo_token_terms`). The loss is Σ w·loss_t over the stats; metrics and every value check
+  come from `LossInputs.metrics` (`finalize_metrics`, one device→host sync).
+* backward: `grad_coefficients` gives per-row g (on logp) and h (on H) from the stats, and the
+  backward of `linear_token_logprobs` recomputes the logits tiles and forms d hidden, d weight and
+  d bias from dZ = [g (onehot − p) − h p (log p + H)] / T without writing [N, V].
+
+FLOPs: 2·N·V·d forward, 6·N·V·d backward (recomputed logits, d hidden, d weight), the floor of
+DESIGN.md's 8·N·V·d. The torch path (CPU, or impl="torch") runs the same math over row chunks
+(`linear_token_logprobs_fwd_torch` + `token_stats_torch`); its memory is bounded by the chunk.
+
+There is no `inplace_backward`: there is no logits buffer to reuse. With a tied embedding the
+`weight` passed is the embedding matrix itself; autograd adds the head's d weight to the
+embedding's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.flow_grpo_loss import (
+    ENTROPY,
+    LSE,
+    STATS,
+    WLOSS,
+    TokenLossParams,
+    grad_coefficients,
+    prepare_loss_inputs,
+    token_stats_torch,
+    write_token_stats,
+)
+from kernels.linear_token_logprobs import (
+    REDUCE_BLOCK_N,
+    _combine_splits,
+    linear_token_logprobs_bwd,
+    linear_token_logprobs_bwd_torch,
+    linear_token_logprobs_fwd_torch,
+    linear_token_logprobs_partials,
+)
+from kernels.utils import LossOutput, output_buffer
+from kernels.validation import check_linear, check_temperature, raise_for_bad_linear_rows, resolve_impl
+
+
+@triton.jit
+def _linear_flow_grpo_loss_fwd_kernel(
+    part_ptr,
+    targets_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    w_ptr,
+    stats_ptr,
+    N,
+    V,
+    SPLITS,
+    clip_low,
+    clip_high,
+    clip_ratio_c,
+    kl_coef,
+    entropy_coef,
+    HAS_REF: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_ok = rows < N
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    lse, logp, entropy = _combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N)
+    write_token_stats(
+        stats_ptr,
+        rows,
+        row_ok,
+        N,
+        logp,
+        lse,
+        entropy,
+        old_ptr,
+        adv_ptr,
+        ref_ptr,
+        w_ptr,
+        clip_low,
+        clip_high,
+        clip_ratio_c,
+        kl_coef,
+        entropy_coef,
+        HAS_REF=HAS_REF,
+        DUAL_CLIP=DUAL_CLIP,
+        KL_TYPE=KL_TYPE,
+    )
+
+
+def linear_flow_grpo_loss_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    weights: torch.Tensor,
+    *,
+    temperature: float,
+    params: TokenLossParams,
+) -> torch.Tensor:
+    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 contiguous [N])."""
+    part = linear_token_logprobs_partials(hidden, weight, bias, targets, temperature=temperature)
+    n, v = hidden.shape[0], weight.shape[0]
+    stats = output_buffer((len(STATS), n), dtype=torch.float32, device=hidden.device)
+    has_ref = ref_logprobs is not None
+    _linear_flow_grpo_loss_fwd_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+        part,
+        targets.contiguous(),
+        old_logprobs,
+        advantages,
+        ref_logprobs if has_ref else old_logprobs,
+        weights,
+        stats,
+        n,
+        v,
+        part.shape[1],
+        *params.kernel_scalars,
+        **params.kernel_constexprs(has_ref),
+        BLOCK_N=REDUCE_BLOCK_N,
+    )
+    return stats
+
+
+def linear_flow_grpo_loss_fwd_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    weights: torch.Tensor,
+    *,
+    temperature: float,
+    params: TokenLossParams,
+) -> torch.Tensor:
+    """Chunked torch twin of `linear_flow_grpo_loss_fwd` (same stats)."""
+    logp, entropy, lse = linear_token_logprobs_fwd_torch(
+        hidden, weight, bias, targets, temperature=temperature, with_entropy=True
+    )
+    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, params)
+
+
+class LinearFlowGRPOLossFunction(torch.autograd.Function):
+    """(loss, stats) with the loss differentiable with respect to hidden, weight and bias; stats are not."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, old, adv, ref, weights, temperature, params, impl):
+        fwd = linear_flow_grpo_loss_fwd if impl == "triton" else linear_flow_grpo_loss_fwd_torch
+        stats = fwd(hidden, weight, bias, targets, old, adv, ref, weights, temperature=temperature, params=params)
+        loss = stats[WLOSS].sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, weights)
+        ctx.temperature, ctx.params, ctx.impl = temperature, params, impl
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        hidden, weight, bias, targets, stats, weights = ctx.saved_tensors
+        g, h = grad_coefficients(stats, weights, grad_loss, ctx.params.entropy_coef)
+        bwd = linear_token_logprobs_bwd if ctx.impl == "triton" else linear_token_logprobs_bwd_torch
+        dh, dw, db = bwd(
+            hidden,
+            weight,
+            bias,
+            targets,
+            stats[LSE],
+            stats[ENTROPY],
+            g,
+            h,
+            temperature=ctx.temperature,
+            needs=tuple(ctx.needs_input_grad[:3]),
+        )
+        return dh, dw, db, *([None] * 8)
+
+
+def linear_flow_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    clip_ratio_c: float | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    impl: str = "auto",
+) -> LossOutput:
+    """Flow-GRPO loss on the logits `hidden @ weight.T + bias`, fused with the LM head (never [N, V]).
+
+    hidden [N, d], weight [V, d] (the LM head, or the tied input embedding), bias [V] or None, all of
+    one float dtype; the other arguments and the result are those of `kernels.flow_grpo_loss` (see
+    `kernels.reference.flow_grpo_loss` for the definitions). `.loss` is differentiable with respect to
+    hidden, weight and bias. impl: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or
+    "torch". Costs one device→host sync (metrics and the value checks together).
+    """
+    n, _, _ = check_linear(hidden, weight, bias)
+    temperature = check_temperature(temperature)
+    inp = prepare_loss_inputs(
+        n,
+        hidden.device,
+        targets,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        cu_seqlens=cu_seqlens,
+        ref_logprobs=ref_logprobs,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        loss_agg=loss_agg,
+    )
+    impl = resolve_impl(impl, hidden.device, _linear_flow_grpo_loss_fwd_kernel)
+    loss, stats = LinearFlowGRPOLossFunction.apply(
+        hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, temperature, inp.params, impl
+    )
+
+    def diagnose(logp: torch.Tensor) -> None:
+        raise_for_bad_linear_rows(
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets, logp
+        )
+
+    return LossOutput(loss=loss, metrics=inp.metrics(stats, diagnose))
