@@ -11,6 +11,13 @@ and, after stripping surrounding whitespace, its first line is `Tool: NAME` with
 of the offered tool names and its second line starts `Sub-goal:` followed by non-empty text.
 Anything else is an invalid action: recorded as a turn with the reason, never an exception.
 
+A second planner format, "tool_token" (`AgentConfig.planner_format`), is for training a small
+planner from scratch (the `toy` preset): every tool name is one token of the tokenizer, the planner
+is sampled under constrained decoding over the tool tokens and the end-of-turn token(s)
+(`Planner.allowed_token_ids`), and its response is parsed strictly: valid iff it is exactly one
+tool token, optionally followed by one end-of-turn token. The planner writes no sub-goal: the
+sub-goal is the query itself, from which the (rule) executor derives the tool's command.
+
 Variants (chosen by `AgentConfig.executor/verifier/generator`; "llm" is the default):
 
 - executor "llm": asks the engine for `Command: <command>` given the tool, its command format, the
@@ -47,6 +54,38 @@ class PlannerAction:
     tool: str = ""
     sub_goal: str = ""
     error: str = ""
+
+
+PLANNER_FORMATS = ("text", "tool_token")
+
+
+def tool_token_ids(tokenizer: Any, tool_names: Sequence[str]) -> dict[int, str]:
+    """{token id: tool name} when every tool name is exactly one token (round trip); else a clear error."""
+    out: dict[int, str] = {}
+    for name in tool_names:
+        ids = tokenizer.encode(name, add_special_tokens=False)
+        if len(ids) != 1 or tokenizer.decode(ids) != name:
+            raise ValueError(
+                f"planner_format='tool_token' needs every tool name to be a single token, but {name!r} encodes to "
+                f"{len(ids)} tokens {ids[:8]}; build the model with the tool names as added tokens "
+                f"(engine.tiny.TinyConfig(extra_tokens=...)) or use planner_format='text'"
+            )
+        out[int(ids[0])] = name
+    return out
+
+
+def parse_tool_token(token_ids: Sequence[int], tools: dict[int, str], stop: Sequence[int], query: str) -> PlannerAction:
+    """Parse a tool-token planner response (see the module docstring); the sub-goal is the query."""
+    ids = list(token_ids)
+    if len(ids) > 1 and ids[-1] in stop:
+        ids = ids[:-1]
+    if not ids or ids[0] in stop:
+        return PlannerAction(False, error="ended the turn without naming a tool")
+    if len(ids) != 1:
+        return PlannerAction(False, error=f"expected exactly one tool token, got {len(ids)} tokens")
+    if ids[0] not in tools:
+        return PlannerAction(False, error=f"token {ids[0]} is not a tool; choose one of {', '.join(tools.values())}")
+    return PlannerAction(True, tool=tools[ids[0]], sub_goal=query)
 
 
 def parse_planner(text: str, finish_reason: str, tool_names: Sequence[str]) -> PlannerAction:
@@ -164,18 +203,46 @@ PLANNER_SYSTEM = (
 )
 
 
+PLANNER_TOOL_TOKEN_SYSTEM = (
+    "You are the planner. Choose the tool that answers the query.\nTools:\n{tools}\nReply with the tool name only."
+)
+
+
 class Planner:
     """The trained policy. `prompt_ids` renders memory with the chat template; no truncation (a
     prompt over the context budget ends the trajectory instead, see the loop)."""
 
-    def __init__(self, caller: Caller, tools: Sequence[Tool]) -> None:
+    def __init__(self, caller: Caller, tools: Sequence[Tool], planner_format: str = "text") -> None:
+        if planner_format not in PLANNER_FORMATS:
+            raise ValueError(f"planner_format must be one of {PLANNER_FORMATS}, got {planner_format!r}")
         self.caller = caller
         self.tools = list(tools)
-        self.system = PLANNER_SYSTEM.format(tools=tool_menu(self.tools))
+        self.format = planner_format
+        system = PLANNER_SYSTEM if planner_format == "text" else PLANNER_TOOL_TOKEN_SYSTEM
+        self.system = system.format(tools=tool_menu(self.tools))
+        self._tool_tokens: dict[int, str] | None = None
 
     @property
     def tool_names(self) -> list[str]:
         return [t.name for t in self.tools]
+
+    @property
+    def tool_tokens(self) -> dict[int, str]:
+        if self._tool_tokens is None:
+            self._tool_tokens = tool_token_ids(self.caller.tokenizer, self.tool_names)
+        return self._tool_tokens
+
+    @property
+    def allowed_token_ids(self) -> tuple[int, ...] | None:
+        """The constrained-decoding action set: tool tokens + end-of-turn ids ("tool_token"), else None."""
+        if self.format == "text":
+            return None
+        return (*self.tool_tokens, *(t for t in self.caller.stop if t not in self.tool_tokens))
+
+    def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
+        if self.format == "text":
+            return parse_planner(generation.text, generation.finish_reason, self.tool_names)
+        return parse_tool_token(generation.token_ids, self.tool_tokens, self.caller.stop, memory.query)
 
     def messages(self, memory: Memory) -> Messages:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": memory.render()}]

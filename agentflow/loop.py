@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentflow.agents import (
+    PLANNER_FORMATS,
     Caller,
     LLMExecutor,
     LLMGenerator,
@@ -42,7 +43,6 @@ from agentflow.agents import (
     RuleExecutor,
     RuleGenerator,
     RuleVerifier,
-    parse_planner,
 )
 from agentflow.memory import Memory, Step
 from agentflow.tasks.judges import LLMJudge, rule_reward
@@ -68,6 +68,7 @@ class AgentConfig:
     context_budget: int = 4096
     tool_result_chars: int = 600  # a tool result is cut to this many characters before entering memory
     tools: tuple[str, ...] = TOOL_NAMES
+    planner_format: str = "text"  # "text" (Tool/Sub-goal lines) or "tool_token" (see agentflow.agents)
     executor: str = "llm"  # "llm" or "rule" (see agentflow.agents)
     verifier: str = "llm"
     generator: str = "llm"
@@ -87,6 +88,8 @@ class AgentConfig:
         for name in ("executor", "verifier", "generator"):
             if getattr(self, name) not in AGENT_MODES:
                 raise ValueError(f"{name} must be one of {AGENT_MODES}, got {getattr(self, name)!r}")
+        if self.planner_format not in PLANNER_FORMATS:
+            raise ValueError(f"planner_format must be one of {PLANNER_FORMATS}, got {self.planner_format!r}")
         if self.judge not in AGENT_MODES:
             raise ValueError(f"judge must be one of {AGENT_MODES}, got {self.judge!r}")
         unknown = [t for t in self.tools if t not in TOOL_NAMES]
@@ -193,7 +196,7 @@ def rollout(
     tools = list(tools) if tools is not None else build_tools(config, engines.of("executor"))
     by_name = {t.name: t for t in tools}
     budget = config.context_budget
-    planner = Planner(Caller(engines.planner, "planner", counters), tools)
+    planner = Planner(Caller(engines.planner, "planner", counters), tools, config.planner_format)
     executor = (
         LLMExecutor(Caller(engines.of("executor"), "executor", counters), budget, config.executor_max_new_tokens)
         if config.executor == "llm"
@@ -209,7 +212,12 @@ def rollout(
         if config.generator == "llm"
         else RuleGenerator()
     )
-    planner_sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    planner_sampling = dict(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        allowed_token_ids=planner.allowed_token_ids,
+    )
 
     states = [
         _State(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
@@ -237,7 +245,7 @@ def rollout(
                 )
                 gens = planner.caller.generate([ids for _, ids in asking], sampling)
                 for (s, ids), g in zip(asking, gens):
-                    action = parse_planner(g.text, g.finish_reason, planner.tool_names)
+                    action = planner.parse(g, s.memory)
                     turn = Turn(
                         prompt_ids=list(ids),
                         response_ids=list(g.token_ids),

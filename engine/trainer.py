@@ -26,6 +26,14 @@ weighted by w = min(exp(old_trainer − rollout), tis_cap). Since every pg form 
 homogeneous in A (max(−A·r, −A·clip(r)) and the dual clip min(·, −A·c), with A·w < 0 ⇔ A < 0),
 w·pg(A) = pg(A·w) exactly, so the weight is folded into the advantage passed to the loss.
 
+Restricted action vocabulary (`allowed_token_ids`): when the rollout engine samples the planner
+under constrained decoding (`SamplingConfig.allowed_token_ids`), its log-probs are those of the
+softmax renormalised over the allowed ids. The trainer computes the same distribution exactly and
+cheaply by slicing the LM head to the allowed rows (`weight[allowed]`, bias likewise) and remapping
+the targets to their row in that slice; the loss then never sees the other rows, and gradients
+flow into the allowed rows of the (possibly tied) weight only. Entropy is that of the restricted
+distribution. A response token outside the set is an error (the sampling and the trainer disagree).
+
 Loss implementations: "fused" calls `kernels.linear_flow_grpo_loss` / `kernels.linear_token_logprobs`
 (never materialise [N, V]); "reference" calls the plain-torch definitions in `kernels.reference`.
 Both are imported when the trainer is built, so this module loads without the kernels.
@@ -79,9 +87,18 @@ class TrainerConfig:
     loss_impl: str = "fused"
     compute_dtype: str | None = None
     gradient_checkpointing: bool = False
+    allowed_token_ids: tuple[int, ...] | None = None  # constrained decoding's action set (module doc)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = tuple(int(t) for t in self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be None (whole vocabulary) or non-empty")
+            if len(set(self.allowed_token_ids)) != len(self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids has duplicates: {self.allowed_token_ids}")
+            if min(self.allowed_token_ids) < 0:
+                raise ValueError(f"allowed_token_ids must be >= 0, got {self.allowed_token_ids}")
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
@@ -189,6 +206,17 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
         self.compute_dtype = resolve_dtype(config.compute_dtype) if config.compute_dtype else None
+        self._allowed: torch.Tensor | None = None
+        self._remap: torch.Tensor | None = None
+        if config.allowed_token_ids is not None:
+            vocab = lm_head_weight(model).shape[0]
+            if max(config.allowed_token_ids) >= vocab:
+                raise ValueError(
+                    f"allowed_token_ids {config.allowed_token_ids} reach beyond the LM head's {vocab} rows"
+                )
+            self._allowed = torch.tensor(config.allowed_token_ids, dtype=torch.long, device=self.device)
+            self._remap = torch.full((vocab,), -1, dtype=torch.long, device=self.device)
+            self._remap[self._allowed] = torch.arange(len(config.allowed_token_ids), device=self.device)
 
     # ---- pieces of one update (each usable on its own, e.g. to time them separately) ----
 
@@ -197,6 +225,16 @@ class Trainer:
         sequences = list(sequences)
         if not sequences:
             raise ValueError("no sequences to train on: the step produced no planner turns")
+        if self.config.allowed_token_ids is not None:
+            allowed = set(self.config.allowed_token_ids)
+            for i, s in enumerate(sequences):
+                bad = [t for t in s.response_ids if t not in allowed]
+                if bad:
+                    raise ValueError(
+                        f"sequence {i} (trajectory {s.traj_id}, turn {s.turn}) has response token {bad[0]} outside "
+                        f"allowed_token_ids {self.config.allowed_token_ids}: the rollout sampled from another action "
+                        f"set than the trainer's (set the same allowed ids on both)"
+                    )
         minis = []
         for idx in _split_contiguous(len(sequences), self.config.mini_batches):
             sub = [sequences[i] for i in idx]
@@ -217,8 +255,15 @@ class Trainer:
     def _head(self, model: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Response hidden rows and LM-head weight/bias in one dtype (the compute dtype when set)."""
         w, b = lm_head_weight(model), lm_head_bias(model)
+        if self._allowed is not None:
+            w = w.index_select(0, self._allowed)
+            b = None if b is None else b.index_select(0, self._allowed)
         dt = self.compute_dtype or h.dtype
         return h.to(dt), w.to(dt), None if b is None else b.to(dt)
+
+    def _targets(self, mb: MicroBatch) -> torch.Tensor:
+        """The response tokens as rows of the (possibly restricted) LM head."""
+        return mb.targets if self._remap is None else self._remap[mb.targets]
 
     @torch.no_grad()
     def compute_logprobs(
@@ -231,7 +276,7 @@ class Trainer:
             for mb in micro_batches:
                 h = hidden_states(model, mb).index_select(0, mb.loss_positions)
                 h, w, b = self._head(model, h)
-                lp = self.logprob_fn(h, w, mb.targets, bias=b, temperature=self.config.temperature)
+                lp = self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.config.temperature)
                 out.append(lp.float())
         return out
 
@@ -296,7 +341,7 @@ class Trainer:
                 out = self.loss_fn(
                     h,
                     w,
-                    mb.targets,
+                    self._targets(mb),
                     batch.old_logprobs[mini][j],
                     batch.advantages[mini][j],
                     torch.ones_like(mb.targets, dtype=torch.bool),

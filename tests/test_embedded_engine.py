@@ -243,3 +243,32 @@ def test_cuda_batched_logprobs_and_sleep(tiny_model_dir):
     assert rep.supported and rep.freed_bytes >= 0 and "caching allocator" in rep.note
     report = eng.sync_weights(eng.model.named_parameters())
     assert report.zero_copy and report.complete
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_allowed_token_ids_constrain_sampling_and_logprobs(engine, temperature):
+    from engine.logprob_gap import logprob_gap
+
+    allowed = (7, 19, 250, 1001)
+    s = SamplingConfig(max_new_tokens=6, temperature=temperature, seed=5, allowed_token_ids=allowed)
+    gens = engine.generate(_prompts(engine), s)
+    seen = {t for g in gens for t in g.token_ids}
+    assert seen <= set(allowed) and len(seen) > 1
+    for g in gens:
+        # renormalised over 4 ids: every log-prob is far above what the same token has in the full vocabulary
+        assert all(lp > -6.0 for lp in g.logprobs)
+    gap = logprob_gap(gens, model=engine.model, sampling=s)
+    assert gap["gap_max"] < 1e-5  # float32, restricted softmax on both sides: observed 4.8e-7
+    unrestricted = logprob_gap(gens, model=engine.model, sampling=SamplingConfig(temperature=temperature))
+    assert unrestricted["gap_mean"] > 1.0, "the restriction changes the reported log-probs (else the test is vacuous)"
+
+
+def test_allowed_token_ids_outside_the_vocabulary_are_an_error(engine):
+    with pytest.raises(ValueError, match="allowed token id"):
+        engine.generate([[1, 2]], SamplingConfig(max_new_tokens=1, allowed_token_ids=(1, 10**6)))
+
+
+def test_stats_report_held_bytes(engine):
+    st = engine.stats()
+    assert st["held_bytes"] == 0
+    assert st["shared_weight_bytes"] == sum(p.numel() * p.element_size() for p in engine.model.parameters())

