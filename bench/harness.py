@@ -164,7 +164,19 @@ def run_case(
 
 def format_table(rows: list[BenchRow]) -> str:
     """A fixed-width text table of rows (errors in place of numbers where the gate failed)."""
-    head = ("op", "provider", "shape", "dtype", "median ms", "p20-p80 ms", "peak MiB", "GB/s", "TFLOP/s", "max err")
+    head = (
+        "op",
+        "provider",
+        "shape",
+        "dtype",
+        "median ms",
+        "p20-p80 ms",
+        "peak MiB",
+        "GB/s",
+        "TFLOP/s",
+        "% roof",
+        "max err",
+    )
     lines = []
     for r in rows:
         shape = "x".join(str(v) for v in r.shape.values())
@@ -179,11 +191,13 @@ def format_table(rows: list[BenchRow]) -> str:
                 f"{r.peak_mem_bytes / 2**20:.1f}",
                 f"{r.gbps:.1f}" if r.gbps is not None else "-",
                 f"{r.tflops:.2f}" if r.tflops is not None else "-",
+                f"{r.extra['roofline_pct']:.0f}% {r.extra['roofline']}" if "roofline_pct" in r.extra else "-",
                 f"{r.max_err:.1e}",
             )
         else:
-            cells = (r.op, r.provider, shape, r.dtype, "-", "-", "-", "-", "-", r.error or "failed")
+            cells = (r.op, r.provider, shape, r.dtype, "-", "-", "-", "-", "-", "-", r.error or "failed")
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*c) for c in lines)])
+    table = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*c) for c in lines)]
+    return "\n".join(line.rstrip() for line in table)

@@ -1,7 +1,8 @@
-"""Kernel micro-benchmarks: our fused ops against the eager reference (and optionally torch.compile).
+"""`flowgrpo bench kernels`: our fused ops against the eager reference, torch.compile and Liger-Kernel.
 
 A registry (`OPS`) of ops × providers × shapes, measured by `bench.harness` (correctness gate with
-`kernels.testing` tolerances, median and p20/p80 time, peak extra memory, GB/s, TFLOP/s):
+`kernels.testing` tolerances, median and p20/p80 time, peak extra memory, GB/s, TFLOP/s) and judged
+against the roofline measured in the same run (`bench.roofline`: copy GB/s, matmul TFLOP/s):
 
     token_logprobs          [N, V]     forward, no grad               bytes ≈ N·V·b       (read the logits once)
     flow_grpo_loss          [N, V]     forward + backward + metrics   bytes ≈ 3·N·V·b     (read twice, write d logits)
@@ -9,29 +10,38 @@ A registry (`OPS`) of ops × providers × shapes, measured by `bench.harness` (c
     linear_flow_grpo_loss   [N, d, V]  forward + backward + metrics   FLOP = 8·N·V·d      (logits, recomputed logits,
                                                                                          d hidden, d weight)
 
-with b the bytes per logit. Providers: `ours` (`kernels.*`, impl="auto": Triton on CUDA, the chunked
-torch path on CPU), `reference` (`kernels.reference`, eager, float32 upcast, autograd), `compiled`
-(`torch.compile` of the reference; not run by default: compiling takes a while on CPU) and, for the
-linear ops, `materialize` (the LM head as a matmul, then the fused `kernels.token_logprobs` /
-`kernels.flow_grpo_loss` on the [N, V] logits). The linear ops are gated against the reference run
-on float32 copies of the inputs (the definition with float32 logits, which ours computes); the
-bf16 `reference` and `materialize` round the logits to bf16 and pass with the bf16 tolerance.
+with b the bytes per logit; "% roof" is GB/s over copy GB/s for the logits ops and TFLOP/s over matmul
+TFLOP/s for the LM-head ops. Providers:
+
+    ours         `kernels.*`, impl="auto": Triton on CUDA, the chunked torch path on CPU
+    reference    `kernels.reference`: eager, float32 upcast of the logits, autograd (what RL frameworks do)
+    compiled     `torch.compile` of the reference (default on CUDA; opt-in on CPU, where compiling takes minutes)
+    materialize  linear ops: the LM head as a matmul, then the fused `kernels.token_logprobs` /
+                 `kernels.flow_grpo_loss` on the [N, V] logits
+    liger        linear_flow_grpo_loss: Liger-Kernel's chunked `LigerFusedLinearGRPOLoss`, when installed
+
+The loss inputs are sequences of SEQ_LEN tokens with one advantage each (10% of tokens masked), the
+shape GRPO gives and the one Liger accepts. The linear ops are gated against the reference run on
+float32 copies of the inputs (the definition with float32 logits, which ours computes); the bf16
+`reference` and `materialize` round the logits to bf16 and pass with the bf16 tolerance. A row whose
+gate fails shows the error and no speed.
 
 Shapes: NxV for the logits ops, NxdxV or a preset name for the linear ops (`LM_HEAD_PRESETS`, the
-Qwen2.5 LM heads, with N = --tokens, default `DEFAULT_TOKENS`). Each op runs the shapes of its rank.
+Qwen2.5 LM heads, once per token count of --tokens, default `DEFAULT_TOKENS`). Each op runs the
+shapes of its rank.
 
-    .venv/bin/python -m bench.kernels --help
-    .venv/bin/python -m bench.kernels --shapes 128x32000 --dtype bfloat16 --repeats 5
-    .venv/bin/python -m bench.kernels --ops linear_flow_grpo_loss --shapes qwen2.5-1.5b --tokens 128
+    flowgrpo bench kernels --shapes 128x32000 --dtype bfloat16 --repeats 5
+    flowgrpo bench kernels --ops linear_flow_grpo_loss --shapes qwen2.5-7b --tokens 1k,4k,16k,32k --save
+    flowgrpo bench kernels --compare bench/results/nvidia-h100-80gb-hbm3-2026-11-23.json
 
-Prints a table, then one JSON line with every row and the conditions (device, versions).
+Prints the conditions (device, driver, versions, commit), the roofline, a table, the comparison when
+asked, then one JSON line with all of it; `--save` writes that JSON to bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,21 +49,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import kernels
+from bench import report, roofline
 from bench.harness import BenchRow, format_table, run_case
+from bench.roofline import Roofline
 from kernels import reference
 from kernels.testing import assert_close, max_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (d, V) of LM heads; N comes from --tokens
 LM_HEAD_PRESETS = {"qwen2.5-1.5b": (1536, 151_936), "qwen2.5-7b": (3584, 152_064)}
-DEFAULT_TOKENS = {"cpu": 64, "cuda": 8192}
+DEFAULT_TOKENS = {"cpu": (64,), "cuda": (1024, 4096, 16384, 32768)}
 DEFAULT_SHAPES = {
     "cpu": "64x32000,512x4096,2048x128x2000,4096x64x32000",
     "cuda": "4096x32000,8192x151936,qwen2.5-1.5b,qwen2.5-7b",
 }
+SEQ_LEN = 256  # tokens per sequence in the loss inputs
 LOSS_KWARGS = {"kl_coef": 0.001, "kl_type": "k3", "entropy_coef": 0.0, "clip_ratio_c": 3.0, "temperature": 1.0}
 LOGITS_DIMS = ("N", "V")
 LINEAR_DIMS = ("N", "d", "V")
@@ -87,17 +99,22 @@ def _logits_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> In
 
 
 def _per_token_loss_inputs(logp: torch.Tensor, g: torch.Generator, log_ratios: torch.Tensor | None = None) -> Inputs:
-    """old/ref log-probs, advantages, mask and cu_seqlens around the current log-probs `logp`."""
+    """old/ref log-probs, advantages, mask and cu_seqlens around the current log-probs `logp`.
+
+    Sequences of SEQ_LEN tokens (the last one shorter when N is not a multiple) with one advantage
+    each, broadcast to its tokens as GRPO does; 10% of the tokens are masked out (prompt, tool output)."""
     n, device = logp.shape[0], logp.device
     if log_ratios is None:
         log_ratios = torch.randn(n, generator=g) * 0.3
-    seqs = max(1, n // 512)
+    cu_seqlens = torch.tensor([*range(0, n, SEQ_LEN), n], dtype=torch.int32)
+    lengths = cu_seqlens.diff()
+    advantages = torch.repeat_interleave(torch.randn(len(lengths), generator=g), lengths)
     return {
         "old_logprobs": logp - log_ratios.to(device),
         "ref_logprobs": logp + (torch.randn(n, generator=g) * 0.3).to(device),
-        "advantages": torch.randn(n, generator=g).to(device),
+        "advantages": advantages.to(device),
         "loss_mask": (torch.rand(n, generator=g) > 0.1).to(device),
-        "cu_seqlens": torch.linspace(0, n, seqs + 1).round().to(torch.int32).to(device),
+        "cu_seqlens": cu_seqlens.to(device),
     }
 
 
@@ -208,8 +225,8 @@ def _compare_loss(actual, expected, dtype: torch.dtype) -> float:
     loss, metrics, grad = actual
     e_loss, e_metrics, e_grad = expected
     assert_close(loss, e_loss, dtype=torch.float32, name="loss")
-    for key, val in e_metrics.items():
-        assert_close(metrics[key], val, dtype=torch.float32, name=f"metric {key}")
+    for key, val in metrics.items():  # the keys a provider reports (Liger: kl, clipfrac)
+        assert_close(val, e_metrics[key], dtype=torch.float32, name=f"metric {key}")
     scale = max(e_grad.abs().max().item(), 1e-12)
     assert_close(grad, e_grad, dtype=dtype, name="d logits", scale=scale)
     return max(max_error(loss, e_loss), max_error(grad, e_grad) / scale)
@@ -226,14 +243,67 @@ def _compare_linear_loss(actual, expected, dtype: torch.dtype) -> float:
     loss, metrics, grads = actual
     e_loss, e_metrics, e_grads = expected
     assert_close(loss, e_loss, dtype=dtype, name="loss")
-    for key, val in e_metrics.items():
-        assert_close(metrics[key], val, dtype=dtype, name=f"metric {key}")
+    for key, val in metrics.items():  # the keys a provider reports (Liger: kl, clipfrac)
+        assert_close(val, e_metrics[key], dtype=dtype, name=f"metric {key}")
     err = max_error(loss, e_loss)
     for name, grad, e_grad in zip(("d hidden", "d weight"), grads, e_grads):
         scale = max(e_grad.abs().max().item(), 1e-12)
         assert_close(grad, e_grad, dtype=dtype, name=name, scale=scale)
         err = max(err, max_error(grad, e_grad) / scale)
     return err
+
+
+def _liger_linear_loss_provider() -> Provider | None:
+    """Liger-Kernel's chunked fused-linear GRPO loss (`LigerFusedLinearGRPOLoss`), None when not installed.
+
+    Liger takes padded [S, T] sequences with one advantage each, has no dual clip and averages over
+    masked tokens ("bnpo"): with the benchmark's inputs (sequences of SEQ_LEN tokens, per-sequence
+    advantages, ratios below the dual-clip bound) that is the same loss as ours with token-mean
+    aggregation. It reports two metrics, kl and clipfrac (the same definitions), which the gate checks.
+    torch.compile of its per-chunk loss is on for CUDA (its default) and off on CPU (compile time)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    cache: dict[str, Any] = {}
+
+    def run(inp: Inputs) -> tuple[torch.Tensor, dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+        hidden, weight = inp["hidden"], inp["weight"]
+        hidden.grad = weight.grad = None
+        device = hidden.device
+        if str(device) not in cache:
+            cache[str(device)] = LigerFusedLinearGRPOLoss(
+                beta=LOSS_KWARGS["kl_coef"],
+                epsilon_low=0.2,
+                epsilon_high=0.3,
+                loss_type="bnpo",
+                use_ref_model=True,
+                compiled=device.type == "cuda",
+                temperature=LOSS_KWARGS["temperature"],
+            )
+        n, d = hidden.shape
+        starts = inp["cu_seqlens"][:-1].long()
+        s = len(starts)
+        t = SEQ_LEN if s > 1 else n
+        pad = s * t - n
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return x if pad == 0 else torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+
+        loss, metrics = cache[str(device)](
+            padded(hidden).view(s, t, d),
+            weight,
+            padded(inp["targets"]).view(s, t),
+            padded(inp["loss_mask"].float()).view(s, t),
+            inp["advantages"][starts],
+            ref_per_token_logps=padded(inp["ref_logprobs"]).view(s, t),
+            old_per_token_logps=padded(inp["old_logprobs"]).view(s, t),
+        )
+        loss.backward()
+        kl, clipfrac = (float(m) for m in metrics)
+        return loss.detach(), {"kl": kl, "clipfrac": clipfrac}, (hidden.grad, weight.grad)
+
+    return run
 
 
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -252,6 +322,8 @@ def _linear_bytes(shape: Shape, dtype: torch.dtype, passes: int) -> int:
     """hidden and weight read `passes` times (their gradients written once per extra pass), in the input dtype."""
     return passes * (shape["N"] + shape["V"]) * shape["d"] * dtype.itemsize
 
+
+_LIGER_LOSS = _liger_linear_loss_provider()
 
 OPS: dict[str, OpSpec] = {
     "token_logprobs": OpSpec(
@@ -303,6 +375,7 @@ OPS: dict[str, OpSpec] = {
             "materialize": _linear_loss_provider(_materialized_loss),
             "reference": _linear_loss_provider(reference.linear_flow_grpo_loss),
             "compiled": _linear_loss_provider(_compiled(reference.linear_flow_grpo_loss)),
+            **({"liger": _LIGER_LOSS} if _LIGER_LOSS is not None else {}),
         },
         compare=_compare_linear_loss,
         bytes_moved=lambda s, dtype: _linear_bytes(s, dtype, 3),
@@ -311,16 +384,22 @@ OPS: dict[str, OpSpec] = {
         expected=_float32_inputs(_linear_loss_provider(reference.linear_flow_grpo_loss)),
     ),
 }
-PROVIDERS = ("ours", "materialize", "reference", "compiled")
+PROVIDERS = ("ours", "materialize", "reference", "compiled", "liger")
 
 
-def parse_shapes(text: str, tokens: int) -> list[tuple[int, ...]]:
-    """'64x32000,512x64x4096,qwen2.5-7b' → [(64, 32000), (512, 64, 4096), (tokens, 3584, 152064)]."""
+def default_providers(spec: OpSpec, device: torch.device) -> list[str]:
+    """The op's defaults, plus torch.compile on CUDA (on CPU compiling takes minutes) and Liger where installed."""
+    extra = ("compiled",) if device.type == "cuda" else ()
+    return [*spec.default_providers, *extra, *(("liger",) if "liger" in spec.providers else ())]
+
+
+def parse_shapes(text: str, tokens: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """'64x32000,512x64x4096,qwen2.5-7b' → [(64, 32000), (512, 64, 4096), (n, 3584, 152064) for n in tokens]."""
     shapes = []
     for part in text.split(","):
         name = part.strip().lower()
         if name in LM_HEAD_PRESETS:
-            shapes.append((tokens, *LM_HEAD_PRESETS[name]))
+            shapes += [(n, *LM_HEAD_PRESETS[name]) for n in tokens]
             continue
         try:
             sizes = tuple(int(x) for x in name.split("x"))
@@ -352,7 +431,7 @@ def run(
     rows = []
     for op_name in ops:
         spec = OPS[op_name]
-        names = [p for p in (providers or spec.default_providers) if p in spec.providers]
+        names = [p for p in (providers or default_providers(spec, device)) if p in spec.providers]
         for sizes in (s for s in shapes if len(s) == len(spec.dims)):
             shape = dict(zip(spec.dims, sizes))
             inp = spec.make_inputs(shape, dtype, device)
@@ -387,17 +466,32 @@ def run(
     return rows
 
 
-def conditions(device: torch.device) -> dict[str, Any]:
-    info = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
-    return info
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """'1024,4k,32k' → (1024, 4096, 32768)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            n = int(part[:-1]) * 1024 if part.endswith("k") else int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--tokens {part!r} is not a token count (e.g. 1024 or 4k)") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"--tokens must be >= 1, got {n}")
+        out.append(n)
+    return tuple(out)
+
+
+def add_roofline(rows: list[BenchRow], roof: Roofline) -> None:
+    """Each gated row's share of the measured roofline: TFLOP/s over matmul for the LM-head ops, else GB/s over copy."""
+    for r in rows:
+        if not r.ok:
+            continue
+        if r.tflops is not None:
+            r.extra["roofline"] = "matmul"
+            r.extra["roofline_pct"] = 100 * r.tflops / roof.matmul_tflops
+        elif r.gbps is not None:
+            r.extra["roofline"] = "copy"
+            r.extra["roofline_pct"] = 100 * r.gbps / roof.copy_gbps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,7 +500,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--providers",
         default=None,
         help=f"comma-separated providers of {list(PROVIDERS)}, each op runs those it has "
-        "(default: ours,reference; ours,materialize,reference for the linear ops)",
+        "(default: ours,reference, plus materialize for the linear ops, compiled on CUDA, liger where installed)",
     )
     parser.add_argument(
         "--shapes",
@@ -414,13 +508,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated NxV, NxdxV or presets {list(LM_HEAD_PRESETS)}; each op runs those of its rank "
         f"(default: {DEFAULT_SHAPES})",
     )
-    parser.add_argument("--tokens", type=int, default=None, help=f"N of the preset shapes (default: {DEFAULT_TOKENS})")
+    parser.add_argument(
+        "--tokens",
+        type=parse_tokens,
+        default=None,
+        help=f"comma-separated token counts N of the preset shapes, e.g. 1k,4k,32k (default: {DEFAULT_TOKENS})",
+    )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="logits dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-roofline", action="store_true", help="skip measuring the copy/matmul roofline")
+    parser.add_argument(
+        "--save",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write the result JSON (default path: bench/results/<device>-<date>.json)",
+    )
+    parser.add_argument("--compare", default=None, metavar="OLD.json", help="print speed-ups against a saved result")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -436,28 +545,48 @@ def main(args: argparse.Namespace) -> int:
     providers = None if args.providers is None else [p for p in args.providers.split(",") if p]
     for p in providers or ():
         if not any(p in OPS[o].providers for o in ops):
-            print(f"error: unknown provider {p!r} for ops {ops}; known: {list(PROVIDERS)}", file=sys.stderr)
+            hint = " (pip install liger-kernel)" if p == "liger" else ""
+            print(
+                f"error: provider {p!r} is not available for ops {ops}{hint}; known: {list(PROVIDERS)}", file=sys.stderr
+            )
             return 2
-    tokens = args.tokens if args.tokens is not None else DEFAULT_TOKENS[device.type]
-    if tokens < 1:
-        print(f"error: --tokens must be >= 1, got {tokens}", file=sys.stderr)
+    if args.warmup < 0 or args.repeats < 1:
+        print(f"error: need --warmup >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}", file=sys.stderr)
         return 2
+    tokens = args.tokens or DEFAULT_TOKENS[device.type]
     try:
         shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[device.type], tokens)
     except argparse.ArgumentTypeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.compare is not None:
+        try:
+            report.load_rows(args.compare)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cond = report.conditions(device)
+    roof = None if args.no_roofline else roofline.measure(device, dtype)
     rows = run(ops, providers, shapes, dtype, device, warmup=args.warmup, repeats=args.repeats)
-    cond = conditions(device)
-    print(f"# {cond['device']}, torch {cond['torch']}, triton {cond['triton']}, {cond['cpu_threads']} CPU threads")
+    if roof is not None:
+        add_roofline(rows, roof)
+    print(report.conditions_line(cond))
+    if roof is not None:
+        print(roof.line())
     print(format_table(rows))
-    print(json.dumps({"bench": "kernels", "conditions": cond, "rows": [r.as_dict() for r in rows]}))
+    payload = {
+        "bench": "kernels",
+        "conditions": cond,
+        "roofline": None if roof is None else roof.as_dict(),
+        "rows": [r.as_dict() for r in rows],
+    }
+    if args.compare is not None:
+        table, pairs = report.compare(payload["rows"], args.compare)
+        print(table)
+        payload["compare"] = {"old": str(args.compare), "pairs": pairs}
+    if args.save is not None:
+        print(f"# saved {report.save(payload, 'kernels', args.save or None)}")
+    print(json.dumps(payload))
     # a reference that runs out of memory is a result; a wrong or crashing provider is a failure
     return 0 if all(r.ok or (r.error or "").startswith("out of memory") for r in rows) else 1
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    sys.exit(main(ap.parse_args()))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench import kernels as bench_kernels
+from bench import report
 from bench.harness import format_table, percentile
 from kernels import reference
 
@@ -55,9 +56,8 @@ def test_linear_ops_rows_against_materialize_and_reference():
         repeats=2,
     )
     assert [(r.op, r.provider) for r in rows] == [
-        (op, p)
-        for op in ("linear_token_logprobs", "linear_flow_grpo_loss")
-        for p in ("ours", "materialize", "reference")
+        *(("linear_token_logprobs", p) for p in ("ours", "materialize", "reference")),
+        *(("linear_flow_grpo_loss", p) for p in ("ours", "materialize", "reference", "liger")),
     ]
     for r in rows:
         assert r.ok, r.error
@@ -78,15 +78,21 @@ def test_linear_gate_in_bf16_accepts_the_bf16_logits_providers():
 
 
 def test_parse_shapes_and_presets():
-    assert bench_kernels.parse_shapes("qwen2.5-7b,3x4x5,9x50,Qwen2.5-1.5B", tokens=16) == [
+    assert bench_kernels.parse_shapes("qwen2.5-7b,3x4x5,9x50,Qwen2.5-1.5B", tokens=(16, 32)) == [
         (16, 3584, 152_064),
+        (32, 3584, 152_064),
         (3, 4, 5),
         (9, 50),
         (16, 1536, 151_936),
+        (32, 1536, 151_936),
     ]
     for bad in ("12by7", "1x2x3x4", "0x5", "qwen3"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench_kernels.parse_shapes(bad, tokens=16)
+            bench_kernels.parse_shapes(bad, tokens=(16,))
+    assert bench_kernels.parse_tokens("1k,4096, 32K") == (1024, 4096, 32768)
+    for bad in ("0", "x", "1k5", "-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_kernels.parse_tokens(bad)
 
 
 def test_gate_refuses_to_time_a_wrong_provider(monkeypatch):
@@ -110,29 +116,85 @@ def test_percentile():
     assert percentile([5.0], 80) == 5.0
 
 
-def test_cli_prints_a_table_and_a_json_line():
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.kernels", "--shapes", "9x50,3x1000", "--warmup", "0", "--repeats", "2"],
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "kernels", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
     )
+
+
+def test_cli_prints_roofline_table_json_and_saves_and_compares(tmp_path):
+    saved = tmp_path / "old.json"
+    r = _bench("--shapes", "9x50,3x1000", "--warmup", "0", "--repeats", "2", "--save", str(saved))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[1].split()[:2] == ["op", "provider"]
+    assert lines[0].startswith("# cpu") and "torch " + torch.__version__ in lines[0] and "commit" in lines[0]
+    assert lines[1].startswith("# roofline (measured now): copy") and "TFLOP/s" in lines[1]
+    assert lines[2].split()[:2] == ["op", "provider"]
     result = json.loads(lines[-1])
     assert result["bench"] == "kernels" and result["conditions"]["torch"] == torch.__version__
+    assert result["roofline"]["copy_gbps"] > 0 and result["roofline"]["matmul_tflops"] > 0
     assert len(result["rows"]) == 8 and all(row["ok"] for row in result["rows"])
+    assert all(row["extra"]["roofline"] == "copy" and row["extra"]["roofline_pct"] > 0 for row in result["rows"])
+    assert json.loads(saved.read_text()) == result
 
-
-def test_cli_rejects_bad_arguments():
-    for args in (["--shapes", "12by7"], ["--ops", "nope"], ["--providers", "nope"], ["--tokens", "0"]):
-        r = subprocess.run(
-            [sys.executable, "-m", "bench.kernels", *args], capture_output=True, text=True, cwd=REPO, check=False
-        )
-        assert r.returncode == 2 and "error:" in r.stderr, (args, r.stderr)
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.kernels", "--help"], capture_output=True, text=True, cwd=REPO, check=False
+    r = _bench(
+        "--ops", "token_logprobs", "--shapes", "9x50", "--repeats", "2", "--no-roofline", "--compare", str(saved)
     )
-    assert r.returncode == 0 and "--shapes" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert f"# compared with {saved}" in r.stdout and "speed-up" in r.stdout
+    pairs = json.loads(r.stdout.strip().splitlines()[-1])["compare"]["pairs"]
+    assert [(p["op"], p["provider"], p["shape"]) for p in pairs] == [
+        ("token_logprobs", "ours", "9x50"),
+        ("token_logprobs", "reference", "9x50"),
+    ]
+    assert all(p["speedup"] > 0 for p in pairs)
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    not_a_result = tmp_path / "x.json"
+    not_a_result.write_text("[1, 2]")
+    for args in (
+        ["--shapes", "12by7"],
+        ["--ops", "nope"],
+        ["--providers", "nope"],
+        ["--tokens", "0"],
+        ["--repeats", "0"],
+        ["--compare", str(tmp_path / "missing.json")],
+        ["--compare", str(not_a_result)],
+    ):
+        r = _bench(*args)
+        assert r.returncode == 2 and "error:" in r.stderr, (args, r.stderr)
+    r = _bench("--help")
+    assert r.returncode == 0 and "--shapes" in r.stdout and "--compare" in r.stdout
+
+
+def test_liger_provider_passes_the_gate_and_reports_kl_and_clipfrac():
+    pytest.importorskip("liger_kernel")
+    spec = bench_kernels.OPS["linear_flow_grpo_loss"]
+    # 2 full sequences and a partial one (padded for Liger), per-sequence advantages
+    inp = spec.make_inputs({"N": 2 * bench_kernels.SEQ_LEN + 37, "d": 32, "V": 211}, torch.float32, torch.device("cpu"))
+    loss, metrics, grads = spec.providers["liger"](inp)
+    assert set(metrics) == {"kl", "clipfrac"} and metrics["clipfrac"] > 0
+    assert spec.compare((loss, metrics, grads), spec.expected(inp), torch.float32) < 1e-5
+
+
+def test_report_paths_conditions_and_compare(tmp_path):
+    cond = report.conditions(torch.device("cpu"))
+    for key in ("device", "driver", "torch", "triton", "vllm", "transformers", "python", "commit", "date"):
+        assert key in cond
+    assert (
+        report.result_path(cond, "kernels", tmp_path).name == f"{report.slug(cond['device'])}-{cond['date'][:10]}.json"
+    )
+    assert report.result_path(cond, "scale", tmp_path).name.endswith("-scale.json")
+    assert report.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    rows = [{"op": "a", "provider": "ours", "shape": {"N": 3}, "dtype": "float32", "ok": True, "ms_median": 2.0}]
+    old = report.save({"conditions": cond, "rows": rows}, "kernels", tmp_path / "old.json")
+    new = [dict(rows[0], ms_median=0.5), dict(rows[0], provider="reference"), dict(rows[0], shape={"N": 4})]
+    table, pairs = report.compare(new, old)
+    assert [p["speedup"] for p in pairs] == [4.0] and "4.00x" in table
+    _, none = report.compare([dict(rows[0], ok=False)], old)
+    assert none == []

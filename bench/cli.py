@@ -1,0 +1,40 @@
+"""`flowgrpo bench {kernels,step,scale,allocator}`: the instruments, each in its own module.
+
+    kernels   micro-benchmarks of the fused ops against the eager reference, torch.compile and Liger
+              (`bench.kernels`), with the roofline of the same run (`bench.roofline`)
+    step      the phase breakdown of a few training steps of a preset, per rollout engine (`bench.step`)
+    scale     a sweep of the group size G at fixed queries and hardware, until the first OOM (`bench.scale`)
+    allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
+
+Each module defines `add_arguments(parser)` and `main(args) -> int`; this one only dispatches, and imports
+only the chosen module (as `engine.cli` does for commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "kernels": ("bench.kernels", "kernel micro-benchmarks: time, memory, GB/s, roofline ratio, correctness gate"),
+    "step": ("bench.step", "phase breakdown of a few training steps (seconds, share, tokens/s, memory)"),
+    "scale": ("bench.scale", "group-size sweep until the first out-of-memory: step time, tokens/s, memory"),
+    "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "instruments:\n" + "\n".join(f"  {k:<9} {text}" for k, (_, text) in SUBCOMMANDS.items())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "instrument", choices=list(SUBCOMMANDS), help="flowgrpo bench INSTRUMENT --help for its options"
+    )
+    parser.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    module_name, text = SUBCOMMANDS[args.instrument]
+    module = importlib.import_module(module_name)  # only the chosen one: `bench kernels` never imports the loop
+    parser = argparse.ArgumentParser(prog=f"flowgrpo bench {args.instrument}", description=text)
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(args.options)) or 0)
