@@ -37,7 +37,7 @@ stage kernels python3 -m engine.cli bench kernels --dtype bfloat16 --tokens "$TO
   --shapes "4096x151936,16384x151936,qwen2.5-1.5b,qwen2.5-7b" --save "$OUT/kernels.json"
 stage allocator python3 -m engine.cli bench allocator --gib "$GIB" --save "$OUT/allocator.json"
 stage step python3 -m engine.cli bench step --preset qwen2.5-1.5b --engines embedded --save "$OUT/step.json"
-stage scale python3 -m engine.cli bench scale --preset qwen2.5-1.5b --engines embedded ${GROUPS:+--groups "$GROUPS"} \
+stage scale python3 -m engine.cli bench scale --preset qwen2.5-1.5b --engine embedded ${GROUPS:+--groups "$GROUPS"} \
   --out "$OUT" --save "$OUT/scale.json"
 echo "failed stages: $fails"
 exit "$fails"
