@@ -68,7 +68,10 @@ def aggregation_weights(
         cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=m.device)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=m.device), lengths)
-    per_seq = torch.zeros(lengths.numel(), dtype=torch.float32, device=m.device).index_add_(0, seq_id, m)
+    # masked tokens per sequence as differences of a prefix sum (exact: integers below 2^24), a gather
+    # rather than a scatter-add, which torch.compile's CPU backend fails to generate (torch 2.13)
+    csum = torch.cat([m.new_zeros(1), m.cumsum(0)])
+    per_seq = csum[cu_seqlens[1:].long()] - csum[cu_seqlens[:-1].long()]
     num_seqs = int((per_seq > 0).sum().item())
     if loss_agg == "token-mean":
         total = m.sum()

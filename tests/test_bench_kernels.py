@@ -198,3 +198,18 @@ def test_report_paths_conditions_and_compare(tmp_path):
     assert [p["speedup"] for p in pairs] == [4.0] and "4.00x" in table
     _, none = report.compare([dict(rows[0], ok=False)], old)
     assert none == []
+
+
+def test_compiled_reference_passes_the_gate_on_cpu():
+    """torch.compile of the reference (the `compiled` provider) builds and matches on CPU."""
+    rows = bench_kernels.run(
+        ["token_logprobs", "flow_grpo_loss"],
+        ["compiled"],
+        [(17, 97)],
+        torch.float32,
+        torch.device("cpu"),
+        warmup=0,
+        repeats=1,
+    )
+    assert [r.provider for r in rows] == ["compiled", "compiled"]
+    assert all(r.ok for r in rows), [r.error for r in rows]
