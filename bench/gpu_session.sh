@@ -32,12 +32,12 @@ stage() {  # stage NAME COMMAND...: run, tee the log to $OUT/NAME.log, count a f
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv"
 stage build bash -c "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j 16"
 stage gpu-lane python3 -m pytest -q -x -m "gpu or interpreter" tests/
-if [ "$QUICK" = quick ]; then TOKENS=4k; GIB=1,4; GROUPS=4,8,16,32; else TOKENS=4k,16k; GIB=1,4,8; GROUPS=; fi
+if [ "$QUICK" = quick ]; then TOKENS=4k; GIB=1,4; SWEEP=4,8,16,32; else TOKENS=4k,16k; GIB=1,4,8; SWEEP=; fi
 stage kernels python3 -m engine.cli bench kernels --dtype bfloat16 --tokens "$TOKENS" \
   --shapes "4096x151936,16384x151936,qwen2.5-1.5b,qwen2.5-7b" --save "$OUT/kernels.json"
 stage allocator python3 -m engine.cli bench allocator --gib "$GIB" --save "$OUT/allocator.json"
 stage step python3 -m engine.cli bench step --preset qwen2.5-1.5b --engines embedded --save "$OUT/step.json"
-stage scale python3 -m engine.cli bench scale --preset qwen2.5-1.5b --engine embedded ${GROUPS:+--groups "$GROUPS"} \
+stage scale python3 -m engine.cli bench scale --preset qwen2.5-1.5b --engine embedded ${SWEEP:+--groups "$SWEEP"} \
   --out "$OUT" --save "$OUT/scale.json"
 echo "failed stages: $fails"
 exit "$fails"
