@@ -10,8 +10,9 @@ CPU the process RSS (label in the output).
 
 The first out-of-memory (torch.OutOfMemoryError, a driver error that says so, or the loop's
 PhaseOutOfMemoryError naming the phase) ends the sweep: it is reported with its message and the
-largest G that fitted is printed. Memory is released between points (the loop and engine dropped,
-gc, the CUDA cache emptied).
+largest G that fitted is printed. On CPU the allocator's refusal (ENOMEM) counts as out of memory;
+the kernel's OOM killer, which ends the process instead, cannot be caught: sweep CPU memory with care.
+Memory is released between points (the loop and engine dropped, gc, the CUDA cache emptied).
 
 The trainer packs sequences into micro-batches of a fixed token budget, so training memory should
 stay flat as G grows while step time grows with the B·G trajectories; the plot shows whether it
@@ -110,14 +111,16 @@ def sweep(
     Returns one row per G that ran, the OOM row last when there was one; other exceptions propagate."""
     rows = []
     for g in groups:
+        oom = None
         try:
             s = run_point(g)
         except Exception as e:
-            msg = _oom_message(e)
-            if msg is None:
+            oom = _oom_message(e)
+            if oom is None:
                 raise
-            rows.append({"group_size": g, "status": "oom", "error": msg})
-            _release()
+        if oom is not None:
+            rows.append({"group_size": g, "status": "oom", "error": oom})
+            _release()  # out of the except block: its traceback no longer pins the failed point's tensors
             if on_point:
                 on_point(rows[-1])
             break
@@ -209,8 +212,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, memory_label: str) 
     twin = ax1.twinx()
     twin.plot(g, [r["s_per_trajectory"] for r in ok], "s--", color="tab:orange", label="time per trajectory")
     twin.set_ylabel("s per trajectory")
-    ax1.legend(loc="upper left")
-    twin.legend(loc="lower right")
+    handles = ax1.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax1.legend(handles=handles, loc="upper center", fontsize=8)  # one legend, clear of both curves' ends
     for key, label in (("rollout_peak_gb", "rollout (gen)"), ("train_peak_gb", "train"), ("wake_peak_gb", "wake")):
         ax2.plot(g, [r[key] for r in ok], "o-", label=label)
     ax2.set_ylabel("peak memory (GiB)")
@@ -219,11 +222,22 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, memory_label: str) 
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks([r["group_size"] for r in rows], [str(r["group_size"]) for r in rows])
+        ax.set_xlim(rows[0]["group_size"] / 1.3, rows[-1]["group_size"] * 1.3)  # an OOM line at the end stays inside
         ax.set_xlabel("group size G")
         ax.grid(alpha=0.3)
         for r in oom:
             ax.axvline(r["group_size"], color="red", ls=":")
-            ax.text(r["group_size"], ax.get_ylim()[1], " OOM", color="red", va="top")
+            ax.text(
+                r["group_size"],
+                0.5,
+                f"out of memory at G={r['group_size']} ",
+                color="red",
+                rotation=90,
+                ha="right",
+                va="center",
+                fontsize=8,
+                transform=ax.get_xaxis_transform(),
+            )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -72,11 +72,16 @@ def _knob_for(phase: str) -> str:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or a driver/runtime error that says it ran out of memory."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    """torch's OutOfMemoryError, a driver/runtime error that says it ran out of memory, the CPU allocator's
+    refusal (torch 2.13: "DefaultCPUAllocator: can't allocate memory: ... Error code 12"), or MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "cuda_error_out_of_memory" in text)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text
+        or "cuda_error_out_of_memory" in text
+        or ("defaultcpuallocator" in text and ("can't allocate memory" in text or "not enough memory" in text))
+    )
 
 
 class PhaseOutOfMemoryError(RuntimeError):

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,31 @@ def test_the_first_oom_ends_the_sweep_and_is_reported(oom, tmp_path):
     assert bench_scale.write_csv(rows, tmp_path / "s.csv").read_text().count("\n") == 4
     png = bench_scale.plot(rows, tmp_path / "s.png", "title", "label")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_real_cpu_allocation_failure_ends_the_sweep_after_freeing_the_point():
+    """The CPU allocator's real refusal (4 PiB is beyond any address space), not a scripted exception; when
+    the OOM is reported, the failed point's tensors are already released."""
+    held: dict = {}
+    freed_when_reported = []
+
+    def run_point(g: int) -> dict:
+        if g < 4:
+            return _summary(g)
+        work = torch.ones(1 << 20)
+        held["work"] = weakref.ref(work)
+        torch.empty(1 << 50)  # float32: 4 PiB, refused with ENOMEM
+        return _summary(g)
+
+    def on_point(row: dict) -> None:
+        if row["status"] == "oom":
+            freed_when_reported.append(held["work"]() is None)
+
+    rows = bench_scale.sweep([2, 4, 8], run_point, on_point=on_point)
+    assert [(r["group_size"], r["status"]) for r in rows] == [(2, "ok"), (4, "oom")]
+    assert "DefaultCPUAllocator" in rows[-1]["error"]
+    assert freed_when_reported == [True]
+    assert bench_scale.largest_fitting(rows) == 2
 
 
 def test_other_errors_are_not_swallowed():
