@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentflow.chat import chat_ids, stop_ids
+from agentflow.lm import Generation, LanguageModel, SamplingConfig
 from agentflow.memory import Memory
 from agentflow.tools.base import Tool
-from engine.rollout.protocol import Generation, RolloutEngine, SamplingConfig
 
 Messages = list[dict[str, str]]
 
@@ -54,9 +54,6 @@ class PlannerAction:
     tool: str = ""
     sub_goal: str = ""
     error: str = ""
-
-
-PLANNER_FORMATS = ("text", "tool_token")
 
 
 def tool_token_ids(tokenizer: Any, tool_names: Sequence[str]) -> dict[int, str]:
@@ -153,7 +150,7 @@ def parse_command(text: str) -> str | None:
 class Caller:
     """Makes the engine calls of one phase and counts them (calls, prompts, tokens)."""
 
-    def __init__(self, engine: RolloutEngine, phase: str, counters: dict[str, float]) -> None:
+    def __init__(self, engine: LanguageModel, phase: str, counters: dict[str, float]) -> None:
         self.engine = engine
         self.phase = phase
         self.counters = counters
@@ -208,19 +205,53 @@ PLANNER_TOOL_TOKEN_SYSTEM = (
 )
 
 
+class TextFormat:
+    """`Tool: NAME` / `Sub-goal: ...` lines, sampled over the whole vocabulary."""
+
+    system = PLANNER_SYSTEM
+
+    def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
+        self.tool_names = list(tool_names)
+        self.tool_tokens: dict[int, str] = {}
+        self.allowed_token_ids: tuple[int, ...] | None = None
+
+    def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
+        return parse_planner(generation.text, generation.finish_reason, self.tool_names)
+
+
+class ToolTokenFormat:
+    """One tool token, sampled under constrained decoding over the tool tokens and end-of-turn ids."""
+
+    system = PLANNER_TOOL_TOKEN_SYSTEM
+
+    def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
+        self.tool_tokens = tool_token_ids(tokenizer, tool_names)
+        self.stop = tuple(stop)
+        self.allowed_token_ids = (*self.tool_tokens, *(t for t in self.stop if t not in self.tool_tokens))
+
+    def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
+        return parse_tool_token(generation.token_ids, self.tool_tokens, self.stop, memory.query)
+
+
+PLANNER_FORMATS: dict[str, type[TextFormat] | type[ToolTokenFormat]] = {
+    "text": TextFormat,
+    "tool_token": ToolTokenFormat,
+}
+
+
 class Planner:
     """The trained policy. `prompt_ids` renders memory with the chat template; no truncation (a
-    prompt over the context budget ends the trajectory instead, see the loop)."""
+    prompt over the context budget ends the trajectory instead, see the runner). The output format
+    is chosen once here (`PLANNER_FORMATS`); `allowed_token_ids` is its constrained-decoding action
+    set (None: the whole vocabulary)."""
 
     def __init__(self, caller: Caller, tools: Sequence[Tool], planner_format: str = "text") -> None:
         if planner_format not in PLANNER_FORMATS:
-            raise ValueError(f"planner_format must be one of {PLANNER_FORMATS}, got {planner_format!r}")
+            raise ValueError(f"planner_format must be one of {tuple(PLANNER_FORMATS)}, got {planner_format!r}")
         self.caller = caller
         self.tools = list(tools)
-        self.format = planner_format
-        system = PLANNER_SYSTEM if planner_format == "text" else PLANNER_TOOL_TOKEN_SYSTEM
-        self.system = system.format(tools=tool_menu(self.tools))
-        self._tool_tokens: dict[int, str] | None = None
+        self.format = PLANNER_FORMATS[planner_format](caller.tokenizer, self.tool_names, caller.stop)
+        self.system = self.format.system.format(tools=tool_menu(self.tools))
 
     @property
     def tool_names(self) -> list[str]:
@@ -228,21 +259,14 @@ class Planner:
 
     @property
     def tool_tokens(self) -> dict[int, str]:
-        if self._tool_tokens is None:
-            self._tool_tokens = tool_token_ids(self.caller.tokenizer, self.tool_names)
-        return self._tool_tokens
+        return self.format.tool_tokens
 
     @property
     def allowed_token_ids(self) -> tuple[int, ...] | None:
-        """The constrained-decoding action set: tool tokens + end-of-turn ids ("tool_token"), else None."""
-        if self.format == "text":
-            return None
-        return (*self.tool_tokens, *(t for t in self.caller.stop if t not in self.tool_tokens))
+        return self.format.allowed_token_ids
 
     def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
-        if self.format == "text":
-            return parse_planner(generation.text, generation.finish_reason, self.tool_names)
-        return parse_tool_token(generation.token_ids, self.tool_tokens, self.caller.stop, memory.query)
+        return self.format.parse(generation, memory)
 
     def messages(self, memory: Memory) -> Messages:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": memory.render()}]
@@ -251,38 +275,63 @@ class Planner:
         return chat_ids(self.caller.tokenizer, self.messages(memory))
 
 
-EXECUTOR_SYSTEM = (
-    "You are the executor. Write the one command that carries out the sub-goal with the given tool.\n"
-    "Reply as:\nCommand: <command>"
-)
+class LLMRole:
+    """One frozen LLM-backed role: fit each prompt into the budget (dropping the oldest memory
+    steps first), one batched greedy call, the replies in item order (None: did not fit)."""
 
+    system = ""
 
-class LLMExecutor:
     def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
         self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
 
-    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
-        """(command, error) per (memory, tool, sub_goal); error is "" when a command was produced."""
-        out: list[tuple[str, str]] = [("", "executor prompt does not fit the context budget")] * len(items)
+    def ask(self, users: Sequence[tuple[Callable[[int], str], int]], seed: int | None) -> list[str | None]:
+        """`users`: (user text given how many memory steps to skip, number of memory steps) per item."""
+        replies: list[str | None] = [None] * len(users)
         todo, prompts = [], []
-        for i, (mem, tool, sub_goal) in enumerate(items):
+        for i, (user, num_steps) in enumerate(users):
 
-            def build(skip: int, mem: Memory = mem, tool: Tool = tool, sub_goal: str = sub_goal) -> Messages:
-                user = (
-                    f"{mem.render(skip)}\n\nTool: {tool.name} ({tool.description})\n"
-                    f"Command format: {tool.command_format}\nSub-goal: {sub_goal}"
-                )
-                return [{"role": "system", "content": EXECUTOR_SYSTEM}, {"role": "user", "content": user}]
+            def build(skip: int, user: Callable[[int], str] = user) -> Messages:
+                return [{"role": "system", "content": self.system}, {"role": "user", "content": user(skip)}]
 
-            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
+            ids = self.caller.fit(build, num_steps, self.budget, self.max_new_tokens)
             if ids is not None:
                 todo.append(i)
                 prompts.append(ids)
         if prompts:
             gens = self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))
             for i, g in zip(todo, gens):
-                cmd = parse_command(g.text)
-                out[i] = (cmd, "") if cmd is not None else ("", "no 'Command: ...' line in the executor's output")
+                replies[i] = g.text
+        return replies
+
+
+EXECUTOR_SYSTEM = (
+    "You are the executor. Write the one command that carries out the sub-goal with the given tool.\n"
+    "Reply as:\nCommand: <command>"
+)
+
+
+class LLMExecutor(LLMRole):
+    system = EXECUTOR_SYSTEM
+
+    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
+        """(command, error) per (memory, tool, sub_goal); error is "" when a command was produced."""
+
+        def user(mem: Memory, tool: Tool, sub_goal: str) -> Callable[[int], str]:
+            return lambda skip: (
+                f"{mem.render(skip)}\n\nTool: {tool.name} ({tool.description})\n"
+                f"Command format: {tool.command_format}\nSub-goal: {sub_goal}"
+            )
+
+        replies = self.ask([(user(m, t, g), len(m.steps)) for m, t, g in items], seed)
+        out: list[tuple[str, str]] = []
+        for text in replies:
+            cmd = None if text is None else parse_command(text)
+            if text is None:
+                out.append(("", "executor prompt does not fit the context budget"))
+            elif cmd is None:
+                out.append(("", "no 'Command: ...' line in the executor's output"))
+            else:
+                out.append((cmd, ""))
         return out
 
 
@@ -301,26 +350,12 @@ VERIFIER_SYSTEM = (
 )
 
 
-class LLMVerifier:
-    def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
-        self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
+class LLMVerifier(LLMRole):
+    system = VERIFIER_SYSTEM
 
     def decide(self, memories: Sequence[Memory], seed: int | None) -> list[str]:
-        out = ["CONTINUE"] * len(memories)
-        todo, prompts = [], []
-        for i, mem in enumerate(memories):
-
-            def build(skip: int, mem: Memory = mem) -> Messages:
-                return [{"role": "system", "content": VERIFIER_SYSTEM}, {"role": "user", "content": mem.render(skip)}]
-
-            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
-            if ids is not None:
-                todo.append(i)
-                prompts.append(ids)
-        if prompts:
-            for i, g in zip(todo, self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))):
-                out[i] = parse_verdict(g.text)
-        return out
+        replies = self.ask([(m.render, len(m.steps)) for m in memories], seed)
+        return ["CONTINUE" if text is None else parse_verdict(text) for text in replies]
 
 
 class RuleVerifier:
@@ -334,27 +369,13 @@ GENERATOR_SYSTEM = (
 )
 
 
-class LLMGenerator:
-    def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
-        self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
+class LLMGenerator(LLMRole):
+    system = GENERATOR_SYSTEM
 
     def answers(self, memories: Sequence[Memory], seed: int | None) -> list[tuple[str, str | None]]:
         """(raw output, parsed answer) per memory."""
-        out: list[tuple[str, str | None]] = [("", None)] * len(memories)
-        todo, prompts = [], []
-        for i, mem in enumerate(memories):
-
-            def build(skip: int, mem: Memory = mem) -> Messages:
-                return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": mem.render(skip)}]
-
-            ids = self.caller.fit(build, len(mem.steps), self.budget, self.max_new_tokens)
-            if ids is not None:
-                todo.append(i)
-                prompts.append(ids)
-        if prompts:
-            for i, g in zip(todo, self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))):
-                out[i] = (g.text, parse_answer(g.text))
-        return out
+        replies = self.ask([(m.render, len(m.steps)) for m in memories], seed)
+        return [("", None) if text is None else (text, parse_answer(text)) for text in replies]
 
 
 class RuleGenerator:
@@ -368,3 +389,13 @@ class RuleGenerator:
             else:
                 out.append(("", None))
         return out
+
+
+def _rule(cls: type) -> Callable[..., Any]:
+    return lambda caller, budget, max_new_tokens: cls()
+
+
+# Each role's modes, chosen once when the runner is built: mode -> factory(caller, budget, max_new_tokens).
+EXECUTORS: dict[str, Callable[..., Any]] = {"llm": LLMExecutor, "rule": _rule(RuleExecutor)}
+VERIFIERS: dict[str, Callable[..., Any]] = {"llm": LLMVerifier, "rule": _rule(RuleVerifier)}
+GENERATORS: dict[str, Callable[..., Any]] = {"llm": LLMGenerator, "rule": _rule(RuleGenerator)}

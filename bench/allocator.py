@@ -22,7 +22,7 @@ import time
 import torch
 
 from bench import report
-from engine.memory import nvml
+from engine.device_memory import nvml
 
 GiB = 1 << 30
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from engine.metrics import atomic_write_bytes
+from engine.fsio import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"

@@ -47,7 +47,7 @@ from bench.step import (
     shared_tiny_model,
     summarize,
 )
-from engine.memory import PhaseOutOfMemoryError, is_oom
+from engine.device_memory import PhaseOutOfMemoryError, is_oom
 
 CSV_COLUMNS = (
     "group_size",
@@ -182,7 +182,7 @@ def format_table(rows: list[dict[str, Any]], memory_label: str) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    from engine.metrics import atomic_write_bytes
+    from engine.fsio import atomic_write_bytes
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")

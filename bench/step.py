@@ -25,7 +25,6 @@ from a directory). Prints a table per engine, the conditions, and a last-line JS
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -39,36 +38,10 @@ import torch
 
 from bench import report
 from bench.harness import percentile
+from engine.timer import PHASES as STEP_PHASES
 
-PHASES = (
-    "gen",
-    "reward",
-    "adv",
-    "sleep",
-    "pack",
-    "old_log_prob",
-    "ref",
-    "update_actor",
-    "gap_probe",
-    "wake",
-    "update_weights",
-    "save_checkpoint",
-)
+PHASES = tuple(p for p in STEP_PHASES if p != "step")
 TRAIN_PHASES = ("pack", "old_log_prob", "ref", "update_actor")
-WHAT = {
-    "gen": "rollout: B x G trajectories (judge excluded)",
-    "reward": "the judge",
-    "adv": "advantages -> training sequences",
-    "sleep": "engine sleeps, trainer state back",
-    "pack": "trainer: packing",
-    "old_log_prob": "trainer: old log-probs",
-    "ref": "trainer: reference log-probs",
-    "update_actor": "trainer: forward/backward/step",
-    "gap_probe": "rollout/trainer gap probes",
-    "wake": "trainer state off, engine awake (sync excluded)",
-    "update_weights": "weight sync into the engine",
-    "save_checkpoint": "checkpoint (last step only)",
-}
 ENGINES = ("embedded", "vllm")
 
 
@@ -88,7 +61,7 @@ def memory_field(device: torch.device) -> tuple[str, str]:
 
 def available_engines(cfg) -> list[str]:
     """The engines this preset can run here: vLLM needs the package and a model directory."""
-    from engine.loop import vllm_available
+    from engine.build import vllm_available
 
     has_dir = cfg.model.path is not None or cfg.model.arch == "tiny"
     return ["embedded", *(["vllm"] if vllm_available() and has_dir else [])]
@@ -96,22 +69,14 @@ def available_engines(cfg) -> list[str]:
 
 def build_config(preset_name: str, engine: str, run_dir: Path, *, steps: int, **overrides: Any):
     """The preset for a benchmark: `steps` steps, one checkpoint at the end, overrides of B and G applied."""
-    from engine.presets import preset
+    from engine.presets import preset, with_overrides
 
-    cfg = preset(preset_name, run_dir=str(run_dir))
-    task = cfg.task
-    if overrides.get("group_size") is not None:
-        task = dataclasses.replace(task, group_size=overrides["group_size"])
-    if overrides.get("queries") is not None:
-        task = dataclasses.replace(task, queries_per_step=overrides["queries"])
-    model = cfg.model
-    if overrides.get("model") is not None:
-        model = dataclasses.replace(model, path=str(overrides["model"]))
-    return dataclasses.replace(
-        cfg,
-        model=model,
-        task=task,
-        rollout=dataclasses.replace(cfg.rollout, engine=engine),
+    return with_overrides(
+        preset(preset_name, run_dir=str(run_dir)),
+        group_size=overrides.get("group_size"),
+        queries_per_step=overrides.get("queries"),
+        model=None if overrides.get("model") is None else str(overrides["model"]),
+        engine=engine,
         steps=steps,
         save_every=10**9,
         keep_last=1,
@@ -122,12 +87,9 @@ def shared_tiny_model(cfg, root: Path) -> Path | None:
     """Build the preset's tiny model once under `root` (both engines then load the same weights)."""
     if cfg.model.arch != "tiny" or cfg.model.path is not None:
         return None
-    from engine.tiny import make_tiny
+    from engine.tiny import ensure_tiny
 
-    out = root / "model"
-    if not (out / "config.json").is_file():
-        make_tiny(out, cfg.model.tiny)
-    return out
+    return ensure_tiny(root / "model", cfg.model.tiny)[0]
 
 
 def run_steps(cfg) -> list[dict[str, Any]]:
@@ -211,7 +173,7 @@ def format_summary(engine: str, s: dict[str, Any]) -> str:
     for p, v in s["phases"].items():
         mem = s["memory_gb"].get(p)
         lines.append(
-            f"{p:<16} {v['mean_s']:>9.4f} {v['share_pct']:>6.1f}% {_fmt(mem, '.3f'):>11}  {WHAT.get(p, 'step - sum of phases')}"
+            f"{p:<16} {v['mean_s']:>9.4f} {v['share_pct']:>6.1f}% {_fmt(mem, '.3f'):>11}  {STEP_PHASES.get(p, 'step - sum of phases')}"
         )
     lines.append(
         f"throughput: {_fmt(s['generated_tokens_per_s'], '.0f')} generated tok/s in gen, "

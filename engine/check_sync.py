@@ -16,7 +16,6 @@ bytes and tensors moved, the engine, versions and device; exit status 1 when the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engine.fsio import atomic_write_json
 from engine.logprob_gap import logprob_gap
 from engine.rollout.protocol import SamplingConfig
 
@@ -83,20 +83,23 @@ def perturb(model: torch.nn.Module, noise: float, seed: int) -> int:
 
 
 def _build_engine(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, str]:
-    if args.backend == "vllm":
-        from engine.rollout.vllm_engine import VLLMEngine
+    from engine.build import build_engine
+    from engine.presets import RolloutConfig
 
-        kw: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed}
-        if args.kv_cache_bytes is not None:
-            kw["kv_cache_bytes"] = args.kv_cache_bytes
-        if args.gpu_memory_utilization is not None:
-            kw["gpu_memory_utilization"] = args.gpu_memory_utilization
-        return VLLMEngine.from_pretrained(args.model, **kw), "separate-copy"
-    try:
-        from engine.rollout.embedded import EmbeddedEngine
-    except ImportError as e:
-        raise SystemExit(f"flowgrpo check-sync: the embedded backend is not available in this build ({e})") from e
-    return EmbeddedEngine(model, tokenizer), "shared-storage"
+    rollout = RolloutConfig(
+        engine=args.backend, kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization
+    )
+    engine = build_engine(
+        args.backend,
+        rollout,
+        model_dir=Path(args.model),
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    return engine, "separate-copy" if args.backend == "vllm" else "shared-storage"
 
 
 def _gap_tolerance(dtype: str) -> float:
@@ -191,15 +194,6 @@ def summary(r: dict[str, Any]) -> str:
     )
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Atomic write: a temporary file in the same directory, then rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF model directory (e.g. from `flowgrpo make-tiny`)")
     p.add_argument("--backend", choices=("vllm", "embedded"), default="vllm")
@@ -227,6 +221,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"flowgrpo check-sync: {e}", file=sys.stderr)
         return 2
     if args.json:
-        write_json(args.json, result)
+        atomic_write_json(args.json, result, indent=1)
     print(summary(result))
     return 0 if result["passed"] else 1

@@ -24,31 +24,7 @@ from typing import Any
 import torch
 
 from engine.rollout.protocol import Generation, SamplingConfig
-
-
-def sampling_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Float32 log-probs [N, V] of the distribution the engine samples from, given raw logits [N, V]."""
-    logits = logits.float()
-    if sampling.temperature > 0:
-        logits = logits / sampling.temperature
-    vocab = logits.shape[-1]
-    if sampling.allowed_token_ids is not None:
-        allowed = torch.tensor(sampling.allowed_token_ids, dtype=torch.long, device=logits.device)
-        if allowed.min() < 0 or allowed.max() >= vocab:
-            raise ValueError(f"allowed_token_ids must lie in [0, {vocab}), got {sampling.allowed_token_ids}")
-        keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        keep[allowed] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if 0 < sampling.top_k < vocab:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # [N, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum <= 1.0 - sampling.top_p
-        drop[:, -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
+from engine.rollout.sampling import processed_logprobs
 
 
 def _model_device(model: Any) -> torch.device:
@@ -75,7 +51,7 @@ def trainer_logprobs(model: Any, generations: Sequence[Generation], sampling: Sa
             ids = torch.tensor([g.prompt_ids + g.token_ids], dtype=torch.long, device=device)
             # Positions P-1 .. P+n-2 predict the n sampled tokens: the last n+1 positions minus the final one.
             logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]  # [n, V]
-            logp = sampling_logprobs(logits, sampling)
+            logp = processed_logprobs(logits, sampling)
             tok = torch.tensor(g.token_ids, dtype=torch.long, device=device)
             out.append(logp.gather(-1, tok[:, None]).squeeze(-1).cpu())
     finally:

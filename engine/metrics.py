@@ -1,17 +1,16 @@
-"""Step-loop instruments: phase timers, the metrics.jsonl writer, the terminal view, a Chrome trace, MFU.
+"""The step record and its outputs: which keys a step writes, how they are assembled, where they go.
 
-- `PhaseTimer`: `with timer.phase("gen"): ...` times a phase. On CUDA it records a pair of CUDA
-  events on the current stream (device time, no synchronisation inside the step) and resolves
-  them all in `collect()`, which synchronises once; on CPU it uses `time.perf_counter`. Keys are
-  `timing_s/<name>` with verl's phase names where verl has one (`PHASES`). A phase entered twice
-  in a step accumulates; phases may nest (`step` around everything). Each phase is also a
-  `torch.profiler.record_function` range, so it is labelled in a trace.
+- `StepRecord`: the typed parts of one step (rollout result, advantages, trainer metrics, the
+  clock, the memory hand-over, gap probes, memory snapshots); `to_metrics()` flattens it into
+  the metrics line. `STEP_KEYS` declares every key of that line (a test checks that every key
+  written is declared and every declared key is written); `memory/<phase>/<field>` keys exist for
+  every phase that ran. Names follow verl where verl has the metric.
+- `COLUMNS`: the console table (key, header, format).
 - `MetricsWriter`: one JSON object per line in `run_dir/metrics.jsonl`, each line one `write`
   of the whole encoded line to an O_APPEND descriptor, then fsync; non-finite floats become null
   (valid JSON). Opening repairs a trailing partial line left by a crash, and with `resume_step`
-  drops lines of later steps (the file is rewritten atomically: temp file, fsync, rename).
-- `ConsoleReporter`: a live progress line (rich, only on a terminal) and one table row per step
-  (rich on a terminal, plain text otherwise).
+  drops lines of later steps (the file is rewritten atomically).
+- `ConsoleReporter`: a live progress line (rich, only on a terminal) and one table row per step.
 - `step_trace`: a `torch.profiler` Chrome trace of one chosen step, `run_dir/trace_step_<N>.json`.
 - `peak_flops` / `mfu`: peak dense bf16 tensor throughput of known GPUs (None on CPU or an unknown
   GPU, so MFU is reported only where the peak is known).
@@ -25,78 +24,248 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-# Our phase names → metric keys; verl's names (ray_trainer's marked_timer) where verl has the phase.
-PHASES: dict[str, str] = {
-    "step": "timing_s/step",
-    "wake": "timing_s/wake",
-    "gen": "timing_s/gen",
-    "reward": "timing_s/reward",
-    "adv": "timing_s/adv",
-    "sleep": "timing_s/sleep",
-    "pack": "timing_s/pack",
-    "old_log_prob": "timing_s/old_log_prob",
-    "ref": "timing_s/ref",
-    "update_actor": "timing_s/update_actor",
-    "update_weights": "timing_s/update_weights",
-    "save_checkpoint": "timing_s/save_checkpoint",
-}
+from agentflow.runner import ROLES, RolloutResult
+from agentflow.trajectory import STOP_REASONS
+from engine.fsio import atomic_write_bytes
+from engine.timer import PHASES, Timings, timing_key
+
+GiB = float(1 << 30)
+# (key in a memory snapshot, field in memory/<phase>/<field>)
+MEMORY_FIELDS = (
+    ("torch_allocated", "allocated_gb"),
+    ("torch_peak_allocated", "peak_allocated_gb"),
+    ("torch_reserved", "reserved_gb"),
+    ("nvml_used", "nvml_used_gb"),
+    ("rss", "rss_gb"),
+)
+SYNC_FIELDS = ("bytes_moved", "seconds", "num_tensors", "complete", "zero_copy")
+
+# Every key of a metrics line (null where a figure does not exist on this machine or step, e.g.
+# perf/mfu/actor on CPU, timing_s/ref without a reference model, the gap probes between probe steps).
+STEP_KEYS: tuple[str, ...] = (
+    "step",
+    *(timing_key(p) for p in PHASES),
+    *(f"reward/{k}" for k in ("mean", "std", "max", "min", "success_rate")),
+    *(
+        f"rollout/{k}"
+        for k in (
+            "num_queries",
+            "group_size",
+            "num_trajectories",
+            "num_turns",
+            "turns_mean",
+            "turns_max",
+            "response_length_mean",
+            "response_length_max",
+            "prompt_length_mean",
+            "prompt_length_max",
+            "invalid_action_rate",
+            "generated_tokens",
+            "prompt_tokens",
+            "planner_response_tokens",
+            "engine_calls",
+            "loop_steps",
+        )
+    ),
+    *(f"rollout/stop_reason/{r}" for r in STOP_REASONS),
+    *(f"rollout/time_{r}_s" for r in ROLES),
+    *(
+        f"adv/{k}"
+        for k in (
+            "num_trajectories",
+            "num_groups",
+            "num_zero_var_groups",
+            "zero_var_group_frac",
+            "num_singleton_groups",
+            "reward_mean",
+            "reward_std",
+            "adv_abs_mean",
+        )
+    ),
+    *(
+        f"actor/{k}"
+        for k in (
+            "loss",
+            "pg_loss",
+            "pg_clipfrac",
+            "pg_clipfrac_lower",
+            "kl_loss",
+            "kl_coef",
+            "entropy",
+            "ratio_mean",
+            "ratio_max",
+            "grad_norm",
+            "grad_norm_max",
+            "skipped_steps",
+            "optimizer_steps",
+            "lr",
+            "num_seqs",
+            "num_tokens",
+            "num_packed_tokens",
+            "num_micro_batches",
+            "num_mini_batches",
+            "packing_efficiency",
+            "zero_adv_seqs",
+            "loss_impl",
+        )
+    ),
+    "training/rollout_logprob_diff_mean",
+    "training/rollout_logprob_diff_max",
+    "sync/gap_stale_mean",
+    "sync/gap_stale_max",
+    "sync/gap_after_mean",
+    "sync/gap_after_max",
+    *(f"sync/{k}" for k in SYNC_FIELDS),
+    "sleep/supported",
+    "sleep/freed_bytes",
+    "perf/rollout_tokens_per_s",
+    "perf/train_tokens_per_s",
+    "perf/mfu/actor",
+    "perf/time_per_step",
+    "perf/train_flops",
+    "perf/logprob_flops",
+    "perf/max_memory_allocated_gb",
+    "perf/max_memory_reserved_gb",
+    "perf/cpu_memory_used_gb",
+    "time/elapsed_s",
+    "engine",
+)
+
+# (metric key, column header, format) of the console table; missing keys print as "-".
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("step", "step", "{:d}"),
+    ("timing_s/step", "step_s", "{:.2f}"),
+    ("timing_s/gen", "gen_s", "{:.2f}"),
+    ("timing_s/update_actor", "upd_s", "{:.2f}"),
+    ("timing_s/update_weights", "sync_s", "{:.3f}"),
+    ("reward/mean", "reward", "{:.3f}"),
+    ("reward/success_rate", "success", "{:.3f}"),
+    ("rollout/turns_mean", "turns", "{:.2f}"),
+    ("rollout/response_length_mean", "resp_len", "{:.1f}"),
+    ("actor/kl_loss", "kl", "{:.1e}"),
+    ("actor/entropy", "entropy", "{:.3f}"),
+    ("actor/pg_clipfrac", "clipfrac", "{:.3f}"),
+    ("actor/grad_norm", "grad_norm", "{:.3f}"),
+    ("training/rollout_logprob_diff_max", "gap_max", "{:.1e}"),
+    ("sync/gap_after_max", "gap_synced", "{:.1e}"),
+    ("perf/rollout_tokens_per_s", "gen_tok/s", "{:.0f}"),
+    ("perf/train_tokens_per_s", "train_tok/s", "{:.0f}"),
+    ("perf/mfu/actor", "mfu", "{:.3f}"),
+)
 
 
-def timing_key(name: str) -> str:
-    return PHASES.get(name, f"timing_s/{name}")
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
 
 
-class PhaseTimer:
-    """Per-phase durations of one step: CUDA events on a CUDA device, perf_counter otherwise."""
+@dataclass
+class StepRecord:
+    """The parts of one step, as the loop collected them; `to_metrics()` is the metrics line."""
 
-    def __init__(
-        self, device: torch.device | str | None = None, hooks: Sequence[Callable[[str, str], None]] = ()
-    ) -> None:
-        self.cuda = device is not None and torch.device(device).type == "cuda"
-        self.hooks = list(hooks)
-        self._records: list[tuple[str, Any, Any]] = []
+    step: int
+    rollout: RolloutResult
+    group_size: int
+    engine_name: str
+    engine_stats: tuple[Mapping[str, float], Mapping[str, float]]  # the engine's counters before and after gen
+    advantages: Mapping[str, float]
+    train: Mapping[str, float]
+    loss_impl: str
+    gaps: Mapping[str, float | None]
+    timings: Timings
+    sync: Any  # the SyncReport of the hand-over, None when nothing was synced
+    sleep: Any  # the SleepReport of the hand-over, None without an engine
+    memory: Mapping[str, Mapping[str, Any]]  # phase -> memory snapshot (engine.device_memory.snapshot)
+    train_tokens: int  # packed tokens processed by the update (all epochs)
+    peak_flops: float | None
+    elapsed_s: float
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        for h in self.hooks:
-            h(name, "enter")
-        with torch.profiler.record_function(name):
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                start = time.perf_counter()
-            try:
-                yield
-            finally:
-                if self.cuda:
-                    end = torch.cuda.Event(enable_timing=True)
-                    end.record()
-                else:
-                    end = time.perf_counter()
-                self._records.append((name, start, end))
-                for h in self.hooks:
-                    h(name, "exit")
+    def to_metrics(self) -> dict[str, Any]:
+        m: dict[str, Any] = dict.fromkeys(STEP_KEYS)
+        m["step"] = self.step
+        m.update(self.timings.metrics())
+        m.update(rollout_metrics(self.rollout, self.group_size, *self.engine_stats))
+        for role in ROLES:
+            m[f"rollout/time_{role}_s"] = self.timings.spans.get(role, 0.0)
+        m.update(self.advantages)
+        m.update(self.train)
+        m.update(self.gaps)
+        m["actor/loss_impl"] = self.loss_impl
+        m["engine"] = self.engine_name
+        for f in SYNC_FIELDS:
+            v = getattr(self.sync, f) if self.sync is not None else None
+            m[f"sync/{f}"] = float(v) if isinstance(v, bool) else v
+        m["sleep/supported"] = float(self.sleep.supported) if self.sleep is not None else None
+        m["sleep/freed_bytes"] = self.sleep.freed_bytes if self.sleep is not None else None
+        gen, upd = self.timings.phases.get("gen", 0.0), self.timings.phases.get("update_actor", 0.0)
+        m["perf/rollout_tokens_per_s"] = m["rollout/generated_tokens"] / gen if gen > 0 else None
+        m["perf/train_tokens_per_s"] = self.train_tokens / upd if upd > 0 else None
+        m["perf/mfu/actor"] = mfu(self.train.get("perf/train_flops", 0.0), upd, self.peak_flops)
+        m["perf/time_per_step"] = self.timings.phases.get("step")
+        m.update(memory_metrics(self.memory))
+        m["time/elapsed_s"] = self.elapsed_s
+        return m
 
-    __call__ = phase
 
-    def collect(self) -> dict[str, float]:
-        """Seconds per phase as {"timing_s/<name>": s} since the last collect; synchronises CUDA once."""
-        if self.cuda and self._records:
-            torch.cuda.synchronize()
-        out: dict[str, float] = {}
-        for name, start, end in self._records:
-            s = start.elapsed_time(end) / 1e3 if self.cuda else end - start
-            key = timing_key(name)
-            out[key] = out.get(key, 0.0) + s
-        self._records.clear()
-        return out
+def rollout_metrics(result: RolloutResult, group_size: int, before: Mapping, after: Mapping) -> dict[str, Any]:
+    """reward/* and rollout/* of one rollout; `before`/`after`: the engine's counters around it."""
+    trajs = result.trajectories
+    turns = [t for tr in trajs for t in tr.turns]
+    rewards = [tr.reward for tr in trajs]
+    resp = [len(t.response_ids) for t in turns]
+    prompt = [len(t.prompt_ids) for t in turns]
+    n = len(trajs)
+    mean_r = _mean(rewards)
+    m: dict[str, Any] = {
+        "reward/mean": mean_r,
+        "reward/std": math.sqrt(_mean([(r - mean_r) ** 2 for r in rewards])),
+        "reward/max": max(rewards),
+        "reward/min": min(rewards),
+        "reward/success_rate": sum(r >= 1.0 for r in rewards) / n,
+        "rollout/num_queries": n // group_size,
+        "rollout/group_size": group_size,
+        "rollout/num_trajectories": n,
+        "rollout/num_turns": len(turns),
+        "rollout/turns_mean": len(turns) / n,
+        "rollout/turns_max": max(len(tr.turns) for tr in trajs),
+        "rollout/response_length_mean": _mean(resp),
+        "rollout/response_length_max": max(resp, default=0),
+        "rollout/prompt_length_mean": _mean(prompt),
+        "rollout/prompt_length_max": max(prompt, default=0),
+        "rollout/invalid_action_rate": _mean([float(not t.valid) for t in turns]),
+        "rollout/generated_tokens": after["generated_tokens"] - before["generated_tokens"],
+        "rollout/prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
+        "rollout/planner_response_tokens": sum(resp),
+        "rollout/engine_calls": after["generate_calls"] - before["generate_calls"],
+        "rollout/loop_steps": result.loop_steps,
+    }
+    for reason in STOP_REASONS:
+        m[f"rollout/stop_reason/{reason}"] = sum(tr.stop_reason == reason for tr in trajs) / n
+    return m
+
+
+def memory_metrics(snapshots: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """memory/<phase>/<field> in GiB per snapshot, and the step's peaks (perf/max_memory_*)."""
+    out: dict[str, float | None] = {}
+    for phase, snap in snapshots.items():
+        for key, f in MEMORY_FIELDS:
+            v = snap.get(key)
+            out[f"memory/{phase}/{f}"] = None if v is None else v / GiB
+
+    def peak(key: str) -> float | None:
+        vals = [s[key] for s in snapshots.values() if s.get(key) is not None]
+        return max(vals) / GiB if vals else None
+
+    out["perf/max_memory_allocated_gb"] = peak("torch_peak_allocated")
+    out["perf/max_memory_reserved_gb"] = peak("torch_reserved")
+    out["perf/cpu_memory_used_gb"] = peak("rss")
+    return out
 
 
 def _clean(value: Any) -> Any:
@@ -111,26 +280,6 @@ def _clean(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return _clean(value.item())
     return value
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -186,24 +335,6 @@ class MetricsWriter:
         self.close()
 
 
-# (metric key, column header, format); missing keys print as "-".
-DEFAULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("step", "step", "{:d}"),
-    ("timing_s/step", "step_s", "{:.2f}"),
-    ("timing_s/gen", "gen_s", "{:.2f}"),
-    ("timing_s/update_actor", "upd_s", "{:.2f}"),
-    ("reward/mean", "reward", "{:.3f}"),
-    ("reward/success_rate", "success", "{:.2f}"),
-    ("actor/kl_loss", "kl", "{:.2e}"),
-    ("actor/entropy", "entropy", "{:.3f}"),
-    ("actor/pg_clipfrac", "clip", "{:.3f}"),
-    ("actor/grad_norm", "gnorm", "{:.3f}"),
-    ("training/rollout_logprob_diff_max", "gap_max", "{:.2e}"),
-    ("perf/train_tokens_per_s", "train_tok/s", "{:.0f}"),
-    ("perf/mfu/actor", "mfu", "{:.3f}"),
-)
-
-
 def _fmt(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
@@ -219,7 +350,7 @@ class ConsoleReporter:
     def __init__(
         self,
         total_steps: int | None = None,
-        columns: Sequence[tuple[str, str, str]] = DEFAULT_COLUMNS,
+        columns: Sequence[tuple[str, str, str]] = COLUMNS,
         *,
         file: TextIO | None = None,
         header_every: int = 20,
@@ -335,24 +466,3 @@ def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
     if peak is None or seconds <= 0:
         return None
     return flops / seconds / peak
-
-
-def throughput_metrics(
-    timings: Mapping[str, float],
-    *,
-    rollout_tokens: int,
-    train_tokens: int,
-    train_flops: float,
-    peak: float | None,
-) -> dict[str, float | None]:
-    """Tokens/s of rollout (generated tokens over timing_s/gen) and training (packed tokens over
-    timing_s/update_actor), and MFU of the update (`perf/mfu/actor`, as verl names it)."""
-    gen = timings.get(timing_key("gen"), 0.0)
-    upd = timings.get(timing_key("update_actor"), 0.0)
-    step = timings.get(timing_key("step"), 0.0)
-    return {
-        "perf/rollout_tokens_per_s": rollout_tokens / gen if gen > 0 else None,
-        "perf/train_tokens_per_s": train_tokens / upd if upd > 0 else None,
-        "perf/time_per_step": step or None,
-        "perf/mfu/actor": mfu(train_flops, upd, peak),
-    }

@@ -4,7 +4,7 @@
   (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
   needed; the host copy is already in `dtype`), with the packed-aware attention of
   `engine.attention` switched on (it behaves as `sdpa` for ordinary, non-packed calls).
-- `qwen2_5_1_5b_config()` / `qwen2_5_7b_config()` are the Qwen2.5 architectures (`PRESETS` by name);
+- `MODEL_SHAPES` is the table of known architectures (Qwen2.5 1.5B and 7B); `preset_config(name)` builds one;
   `build_random_model(config, dtype=, device=)` creates one with random weights directly on the
   target device in the target dtype: the module tree is built on the meta device, cast, then
   materialised with `to_empty` and initialised in place, so 7B never exists in float32 on the host.
@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -72,56 +72,51 @@ def load_planner(path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16,
     return model
 
 
-def qwen2_5_1_5b_config():
-    """Qwen2.5-1.5B: d=1536, 28 layers, 12 query / 2 KV heads, FFN 8960, vocab 151936, tied embeddings."""
-    from transformers import Qwen2Config
+_QWEN2_5 = dict(
+    model_type="qwen2",
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    use_sliding_window=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
 
-    return Qwen2Config(
+# The model-shape table (gpt-fast's `transformer_configs`): name -> the HF config of that architecture.
+MODEL_SHAPES: dict[str, dict] = {
+    # Qwen2.5-1.5B: d=1536, 28 layers, 12 query / 2 KV heads, FFN 8960, vocab 151936, tied embeddings
+    "qwen2.5-1.5b": dict(
+        _QWEN2_5,
         vocab_size=151936,
         hidden_size=1536,
         intermediate_size=8960,
         num_hidden_layers=28,
         num_attention_heads=12,
         num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
         tie_word_embeddings=True,
-        use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
-
-
-def qwen2_5_7b_config():
-    """Qwen2.5-7B: d=3584, 28 layers, 28 query / 4 KV heads, FFN 18944, vocab 152064, untied LM head."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
+    ),
+    # Qwen2.5-7B: d=3584, 28 layers, 28 query / 4 KV heads, FFN 18944, vocab 152064, untied LM head
+    "qwen2.5-7b": dict(
+        _QWEN2_5,
         vocab_size=152064,
         hidden_size=3584,
         intermediate_size=18944,
         num_hidden_layers=28,
         num_attention_heads=28,
         num_key_value_heads=4,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
         tie_word_embeddings=False,
-        use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
+    ),
+}
 
 
-PRESETS: dict[str, Callable] = {"qwen2.5-1.5b": qwen2_5_1_5b_config, "qwen2.5-7b": qwen2_5_7b_config}
+def preset_config(name: str, **overrides):
+    """The HF config of `MODEL_SHAPES[name]`, with `overrides` (e.g. fewer layers for a test)."""
+    from transformers import AutoConfig
 
-
-def preset_config(name: str):
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(PRESETS)}") from None
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(MODEL_SHAPES)}")
+    fields = {**MODEL_SHAPES[name], **overrides}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 @torch.no_grad()

@@ -4,12 +4,12 @@
                    local checkpoint directory or with random weights built on the device
     RolloutConfig  which rollout engine (auto | vllm | embedded) and its memory settings
     TaskConfig     where the queries come from, queries per step (B) and group size (G)
-    AgentConfig    the four-agent loop (agentflow.loop)
+    AgentConfig    the four-agent loop (agentflow.runner)
     TrainerConfig  the Flow-GRPO update (engine.trainer)
     RunConfig      all of the above plus steps, seed, run directory, checkpoint and probe cadence
 
-A preset is a function returning a `RunConfig` (`PRESETS`); the CLI (`engine.train`) applies a few
-overrides with `dataclasses.replace`. Checks that span components live in `RunConfig.__post_init__`:
+A preset is a function returning a `RunConfig` (`PRESETS`); `with_overrides` applies the command
+line's (and the benchmarks') overrides, each to its component (`OVERRIDES`). Checks that span components live in `RunConfig.__post_init__`:
 the trainer must score the distribution the planner samples from (same temperature; no top-p/top-k,
 whose truncated distributions the trainer does not reproduce).
 """
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentflow.loop import AgentConfig
-from engine.model import PRESETS as ARCHITECTURES
+from agentflow.runner import AgentConfig
+from engine.model import MODEL_SHAPES
 from engine.tiny import TinyConfig
 from engine.trainer import TrainerConfig
 
@@ -36,7 +36,7 @@ class ModelConfig:
     """The planner. `path`: a local HF directory; None builds one (tiny: into the run directory;
     a Qwen2.5 architecture: random weights directly on the device, for performance work)."""
 
-    arch: str = "tiny"  # "tiny" or a key of engine.model.PRESETS
+    arch: str = "tiny"  # "tiny" or a key of engine.model.MODEL_SHAPES
     path: str | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)  # used when arch == "tiny" and path is None
     arch_overrides: dict[str, Any] = field(default_factory=dict)  # Qwen2Config fields (e.g. fewer layers)
@@ -44,8 +44,8 @@ class ModelConfig:
     device: str | None = None  # None: cuda when available, else cpu
 
     def __post_init__(self) -> None:
-        if self.arch != "tiny" and self.arch not in ARCHITECTURES:
-            raise ValueError(f"model arch must be 'tiny' or one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        if self.arch != "tiny" and self.arch not in MODEL_SHAPES:
+            raise ValueError(f"model arch must be 'tiny' or one of {sorted(MODEL_SHAPES)}, got {self.arch!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.arch_overrides and self.arch == "tiny":
@@ -263,6 +263,42 @@ PRESETS: dict[str, Callable[..., RunConfig]] = {
     "qwen2.5-1.5b": qwen2_5_1_5b,
     "qwen2.5-7b": qwen2_5_7b,
 }
+
+
+# override name -> (component of RunConfig or "" for RunConfig itself, field)
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "model": ("model", "path"),
+    "device": ("model", "device"),
+    "engine": ("rollout", "engine"),
+    "group_size": ("task", "group_size"),
+    "queries_per_step": ("task", "queries_per_step"),
+    "data": ("task", "data"),
+    "lr": ("trainer", "lr"),
+    "micro_batch_tokens": ("trainer", "micro_batch_tokens"),
+    "kl_coef": ("trainer", "kl_coef"),
+    "steps": ("", "steps"),
+    "seed": ("", "seed"),
+    "run_dir": ("", "run_dir"),
+    "trace_step": ("", "trace_step"),
+    "save_every": ("", "save_every"),
+    "keep_last": ("", "keep_last"),
+}
+
+
+def with_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
+    """`cfg` with each non-None override applied to its component (names in `OVERRIDES`), re-validated."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown overrides {unknown}; known: {sorted(OVERRIDES)}")
+    parts: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if value is not None:
+            component, fld = OVERRIDES[name]
+            parts.setdefault(component, {})[fld] = value
+    top = parts.pop("", {})
+    for component, fields_ in parts.items():
+        top[component] = dataclasses.replace(getattr(cfg, component), **fields_)
+    return dataclasses.replace(cfg, **top)
 
 
 def preset(name: str, **kw: Any) -> RunConfig:

@@ -119,6 +119,23 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     return out
 
 
+def ensure_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> tuple[Path, bool]:
+    """The tiny model of `cfg` in `out_dir`: reused when one built with the same settings is there,
+    built when the directory holds no model; (path, built now). Other settings are an error."""
+    out = Path(out_dir)
+    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+        return make_tiny(out, cfg), True
+    stamp = out / "flowgrpo_tiny.json"
+    built = json.loads(stamp.read_text()) if stamp.exists() else {}
+    want = asdict(cfg)
+    if built and any(built.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
+        raise ValueError(
+            f"{out} holds a tiny model built with other settings than this preset's ({cfg}); "
+            f"use another --run-dir or delete {out}"
+        )
+    return out, False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TinyConfig()
     p.add_argument("out_dir", help="directory to write the HF model and tokenizer into")

@@ -15,11 +15,10 @@ in chrome://tracing or Perfetto). The loop itself is `engine.loop`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
-from engine.presets import ENGINES, PRESETS, preset
+from engine.presets import ENGINES, PRESETS, preset, with_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,29 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The preset's RunConfig with the command line's overrides applied."""
+    names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
+    names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
-    model = cfg.model
-    if args.model:
-        model = dataclasses.replace(model, path=args.model)
-    if args.device:
-        model = dataclasses.replace(model, device=args.device)
-    rollout = cfg.rollout if args.engine is None else dataclasses.replace(cfg.rollout, engine=args.engine)
-    task = cfg.task
-    if args.group_size is not None:
-        task = dataclasses.replace(task, group_size=args.group_size)
-    if args.queries_per_step is not None:
-        task = dataclasses.replace(task, queries_per_step=args.queries_per_step)
-    if args.data:
-        task = dataclasses.replace(task, data=args.data)
-    trainer = cfg.trainer
-    for name in ("lr", "micro_batch_tokens", "kl_coef"):
-        if getattr(args, name) is not None:
-            trainer = dataclasses.replace(trainer, **{name: getattr(args, name)})
-    run: dict = {}
-    for name in ("steps", "seed", "trace_step", "save_every"):
-        if getattr(args, name) is not None:
-            run[name] = getattr(args, name)
-    return dataclasses.replace(cfg, model=model, rollout=rollout, task=task, trainer=trainer, **run)
+    return with_overrides(cfg, **{n: getattr(args, n) for n in names})
 
 
 def main(args: argparse.Namespace) -> int:

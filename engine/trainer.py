@@ -45,14 +45,13 @@ import contextlib
 import copy
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from agentflow.timing import NO_TIMER, Timer
 from engine.attention import enable_packed_attention
-from engine.metrics import mfu, peak_flops
 from engine.model import flops_per_token, forward_flops, hidden_states, lm_head_bias, lm_head_weight, resolve_dtype
 from engine.packing import MicroBatch, TrainSequence, pack
 
@@ -156,11 +155,6 @@ class TrainBatch:
     @property
     def micro_batches(self) -> list[MicroBatch]:
         return [mb for mini in self.mini_batches for mb in mini]
-
-
-class _NoTimer:
-    def phase(self, name: str):
-        return contextlib.nullcontext()
 
 
 def _split_contiguous(n: int, k: int) -> list[range]:
@@ -416,7 +410,7 @@ class Trainer:
 
     # ---- the whole update ----
 
-    def update(self, sequences: Sequence[TrainSequence], timer=None) -> dict[str, float]:
+    def update(self, sequences: Sequence[TrainSequence], timer: Timer = NO_TIMER) -> dict[str, float]:
         """One Flow-GRPO update on the step's planner turns; returns float metrics.
 
         Keys: the loss terms of `train` (actor/loss, pg_loss, pg_clipfrac, pg_clipfrac_lower, kl_loss,
@@ -425,36 +419,26 @@ class Trainer:
         clipping); training/rollout_logprob_diff_mean and _max (|rollout − trainer old log-prob| over
         response tokens); actor/tis_weight_mean and tis_capped_frac when tis_cap is set; batch sizes
         (actor/num_seqs, num_tokens = response tokens, num_packed_tokens, num_micro_batches,
-        num_mini_batches, packing_efficiency, zero_adv_seqs); perf/train_flops (update, model FLOPs),
-        perf/logprob_flops (old + ref passes), perf/train_tokens_per_s (packed tokens × epochs over the
-        update's wall time), perf/trainer_{pack,logprob,update}_s (wall, synchronised), and
-        perf/mfu/actor on a GPU with a known peak.
+        num_mini_batches, packing_efficiency, zero_adv_seqs); perf/train_flops (update, model FLOPs) and
+        perf/logprob_flops (old + ref passes).
 
-        `timer` (an `engine.metrics.PhaseTimer`) times the sub-phases pack, old_log_prob, ref, update_actor.
+        `timer` (an `engine.timer.PhaseTimer`) times the phases pack, old_log_prob, ref, update_actor;
+        throughput and MFU are derived from those times by the step record (`engine.metrics`).
         """
-        timer = timer or _NoTimer()
-        t0 = time.perf_counter()
         with timer.phase("pack"):
             batch = self.prepare(sequences)
-        t_pack = time.perf_counter()
         with timer.phase("old_log_prob"):
             self.compute_old_logprobs(batch)
         if self.ref_model is not None:
             with timer.phase("ref"):
                 self.compute_ref_logprobs(batch)
-        self._sync()
-        t_logprob = time.perf_counter()
         with timer.phase("update_actor"):
             metrics = self.train(batch)
-        self._sync()
-        t_update = time.perf_counter()
 
         mbs = batch.micro_batches
         cfg_model = self.model.config
         fwd = sum(forward_flops(cfg_model, mb.seq_lens, mb.num_response_tokens) for mb in mbs)
         packed = sum(mb.num_tokens for mb in mbs)
-        train_flops = 3.0 * fwd * self.config.ppo_epochs
-        update_s = t_update - t_logprob
         metrics.update(batch.metrics)
         metrics.update(
             {
@@ -465,17 +449,10 @@ class Trainer:
                 "actor/num_mini_batches": float(len(batch.mini_batches)),
                 "actor/packing_efficiency": packed / (len(mbs) * self.config.micro_batch_tokens),
                 "actor/zero_adv_seqs": float(sum(s.advantage == 0.0 for s in batch.sequences)),
-                "perf/train_flops": train_flops,
+                "perf/train_flops": 3.0 * fwd * self.config.ppo_epochs,
                 "perf/logprob_flops": fwd * (2 if self.ref_model is not None else 1),
-                "perf/train_tokens_per_s": packed * self.config.ppo_epochs / update_s if update_s > 0 else 0.0,
-                "perf/trainer_pack_s": t_pack - t0,
-                "perf/trainer_logprob_s": t_logprob - t_pack,
-                "perf/trainer_update_s": update_s,
             }
         )
-        peak = peak_flops(self.device, self.compute_dtype or next(self.model.parameters()).dtype)
-        if peak is not None:
-            metrics["perf/mfu/actor"] = mfu(train_flops, update_s, peak)
         return metrics
 
     def _sync(self) -> None:

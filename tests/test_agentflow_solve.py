@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agentflow import STOP_REASONS, AgentConfig, Trajectory, load_task, rollout
+from agentflow import STOP_REASONS, AgentConfig, Trajectory, load_task, run_trajectories
 from agentflow.trajectory import Turn
 from engine.rollout.embedded import EmbeddedEngine
 
@@ -76,7 +76,7 @@ def test_rollout_on_the_real_model_batches_planner_calls_and_logs_exact_logprobs
     queries = load_task("multihop", 3, seed=0)
     cfg = AgentConfig(max_turns=3, planner_max_new_tokens=12, temperature=0.9, generator_max_new_tokens=8)
     before = engine.stats()
-    res = rollout(engine, queries, group_size=4, config=cfg, seed=0)
+    res = run_trajectories(engine, queries, group_size=4, config=cfg, seed=0)
     after = engine.stats()
     assert len(res.trajectories) == 12
     # one batched planner call per loop step, never one per trajectory
@@ -139,14 +139,14 @@ class _FixedPlanner:
     [("Tool: base_generator\nSub-goal: Name a river.", "rule"), ("Tool: calculator\nSub-goal: add 2 and 3", "llm")],
 )
 def test_valid_actions_run_tools_and_agents_on_the_real_model(engine, reply, executor):
-    from agentflow import Engines
+    from agentflow import RoleModels
 
     planner = _FixedPlanner(engine, reply)
-    engines = Engines(planner=planner, executor=engine, verifier=engine, generator=engine)
+    engines = RoleModels(planner=planner, executor=engine, verifier=engine, generator=engine)
     cfg = AgentConfig(max_turns=2, executor=executor, executor_max_new_tokens=12, base_generator_max_new_tokens=8,
                       generator_max_new_tokens=8)  # fmt: skip
     before = engine.stats()["generate_calls"]
-    res = rollout(engines, load_task("arithmetic", 2, seed=0), 2, cfg, seed=0)
+    res = run_trajectories(engines, load_task("arithmetic", 2, seed=0), 2, cfg, seed=0)
     # per step one batched base_generator (or executor) call and one verifier call (none after the last
     # turn), then one generator call: 4 trajectories, a handful of calls
     steps = res.loop_steps

@@ -97,7 +97,7 @@ def vmm(built_lib):
 
 
 def _nvml_used() -> int:
-    from engine.memory import nvml
+    from engine.device_memory import nvml
 
     used = nvml().used(torch.cuda.current_device())
     if used is None:
@@ -170,7 +170,7 @@ def test_regions_are_separate(vmm):
 def test_optimizer_state_in_a_region_round_trips_and_training_continues_identically(vmm):
     import copy
 
-    from engine.memory import MemoryManager, RegionOffloader
+    from engine.device_memory import DeviceMemoryManager, RegionOffloader
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)).cuda()
@@ -193,7 +193,7 @@ def test_optimizer_state_in_a_region_round_trips_and_training_continues_identica
     assert moved == sum(v.numel() * v.element_size() for v in state)
     assert vmm.stats("optimizer").mapped_bytes >= moved
 
-    mm = MemoryManager(offloader=RegionOffloader(vmm, "optimizer"))
+    mm = DeviceMemoryManager(offloader=RegionOffloader(vmm, "optimizer"))
     for i in range(1, 4):
         used = _nvml_used()
         rec = mm.to_rollout()[0]

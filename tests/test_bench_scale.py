@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import scale as bench_scale
-from engine.memory import PhaseOutOfMemoryError
+from engine.device_memory import PhaseOutOfMemoryError
 
 REPO = Path(__file__).resolve().parents[1]
 

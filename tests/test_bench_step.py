@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import step as bench_step
-from engine.loop import vllm_available
+from engine.build import vllm_available
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.rollout.embedded import EmbeddedEngine, processed_logprobs
+from engine.rollout.embedded import EmbeddedEngine
 from engine.rollout.protocol import RolloutEngine, SamplingConfig
+from engine.rollout.sampling import processed_logprobs
 
 
 @pytest.fixture(scope="module")

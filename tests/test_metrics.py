@@ -1,4 +1,4 @@
-"""Step-loop instruments: phase timer keys, crash-safe metrics.jsonl, terminal table, Chrome trace, MFU."""
+"""Step-record outputs: crash-safe metrics.jsonl, terminal table, Chrome trace, MFU."""
 
 from __future__ import annotations
 
@@ -14,62 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.metrics import (
-    PHASES,
-    ConsoleReporter,
-    MetricsWriter,
-    PhaseTimer,
-    mfu,
-    peak_flops,
-    read_metrics,
-    step_trace,
-    throughput_metrics,
-)
+from engine.metrics import ConsoleReporter, MetricsWriter, mfu, peak_flops, read_metrics, step_trace
+from engine.timer import PhaseTimer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_phase_timer_keys_nesting_and_accumulation():
-    timer = PhaseTimer("cpu")
-    with timer.phase("step"):
-        with timer.phase("gen"):
-            time.sleep(0.01)
-        with timer.phase("old_log_prob"):
-            pass
-        with timer.phase("gen"):  # a second rollout round in the same step accumulates
-            time.sleep(0.01)
-        with timer.phase("my_phase"):
-            pass
-    t = timer.collect()
-    assert set(t) == {"timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/my_phase"}
-    assert t["timing_s/gen"] >= 0.02  # sleep never returns early
-    assert t["timing_s/step"] >= t["timing_s/gen"] + t["timing_s/old_log_prob"]
-    assert timer.collect() == {}, "collect resets"
-
-
-def test_verl_phase_names():
-    for ours, key in {
-        "gen": "timing_s/gen",
-        "reward": "timing_s/reward",
-        "old_log_prob": "timing_s/old_log_prob",
-        "ref": "timing_s/ref",
-        "adv": "timing_s/adv",
-        "update_actor": "timing_s/update_actor",
-        "update_weights": "timing_s/update_weights",
-        "step": "timing_s/step",
-        "wake": "timing_s/wake",
-        "sleep": "timing_s/sleep",
-    }.items():
-        assert PHASES[ours] == key
-
-
-def test_phase_timer_hooks_see_enter_and_exit_even_on_error():
-    calls = []
-    timer = PhaseTimer(None, hooks=[lambda name, what: calls.append((name, what))])
-    with pytest.raises(RuntimeError), timer.phase("gen"):
-        raise RuntimeError("boom")
-    assert calls == [("gen", "enter"), ("gen", "exit")]
-    assert "timing_s/gen" in timer.collect()
 
 
 def test_metrics_writer_lines_nan_and_resume(tmp_path):
@@ -152,7 +100,7 @@ def test_console_reporter_plain_text_when_not_a_terminal():
     lines = out.splitlines()
     assert len(lines) == 5 and lines[0].split()[:3] == ["step", "step_s", "gen_s"] and lines[3] == lines[0]
     cells = lines[1].split()
-    assert cells[:4] == ["1", "1.23", "-", "-"] and "0.500" in cells and "1.00e-03" in cells
+    assert cells[:4] == ["1", "1.23", "-", "-"] and "0.500" in cells and "1.0e-03" in cells
 
 
 def test_console_reporter_on_a_terminal_uses_rich():
@@ -180,30 +128,8 @@ def test_step_trace_only_for_the_chosen_step(tmp_path):
     assert "update_actor" in names, "phases are labelled in the trace"
 
 
-def test_mfu_and_throughput():
+def test_mfu():
     assert peak_flops("cpu") is None
     assert mfu(1e12, 1.0, None) is None
+    assert mfu(1e12, 0.0, 989e12) is None
     assert mfu(989e12 / 2, 1.0, 989e12) == pytest.approx(0.5)
-    t = {"timing_s/gen": 2.0, "timing_s/update_actor": 4.0, "timing_s/step": 7.0}
-    m = throughput_metrics(t, rollout_tokens=1000, train_tokens=800, train_flops=1e12, peak=None)
-    assert m == {
-        "perf/rollout_tokens_per_s": 500.0,
-        "perf/train_tokens_per_s": 200.0,
-        "perf/time_per_step": 7.0,
-        "perf/mfu/actor": None,
-    }
-
-
-@pytest.mark.gpu
-def test_phase_timer_cuda_events_and_peak():
-    timer = PhaseTimer("cuda")
-    a = torch.randn(2048, 2048, device="cuda")
-    with timer.phase("update_actor"):
-        for _ in range(10):
-            a = a @ a
-            a = a / a.norm()
-    t = timer.collect()
-    assert t["timing_s/update_actor"] > 0
-    name = torch.cuda.get_device_name()
-    if "H100" in name or "H200" in name:
-        assert peak_flops("cuda") is not None

@@ -440,9 +440,9 @@ def test_forward_flops_match_the_counted_matmuls():
 
 
 def test_presets_and_random_build():
-    from engine.model import PRESETS, num_parameters, preset_config
+    from engine.model import MODEL_SHAPES, num_parameters, preset_config
 
-    counts = {name: num_parameters(build_random_model(PRESETS[name](), device="meta")) for name in PRESETS}
+    counts = {name: num_parameters(build_random_model(preset_config(name), device="meta")) for name in MODEL_SHAPES}
     # The published sizes of Qwen2.5-1.5B (tied) and Qwen2.5-7B (untied).
     assert counts == {"qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512}
     assert preset_config("qwen2.5-1.5b").tie_word_embeddings and not preset_config("qwen2.5-7b").tie_word_embeddings

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from agentflow.chat import chat_ids, stop_ids
+from agentflow.lm import LanguageModel, SamplingConfig
 from agentflow.tasks.query import Query
 from agentflow.tools.calculator import CalcError, parse_expression
-from engine.rollout.protocol import RolloutEngine, SamplingConfig
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -156,7 +156,7 @@ class LLMJudge:
 
     SYSTEM = "You grade answers. Reply with one word: yes if the candidate answer is correct, no otherwise."
 
-    def __init__(self, engine: RolloutEngine, max_new_tokens: int = 8) -> None:
+    def __init__(self, engine: LanguageModel, max_new_tokens: int = 8) -> None:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
 
@@ -186,3 +186,10 @@ class LLMJudge:
         for i, g in zip(todo, self.engine.generate(prompts, sampling)):
             out[i] = parse_yes_no(g.text) or 0.0
         return out
+
+
+class RuleJudge:
+    """Scores each answer with its query's rule-based judge (`JUDGES`); no model call."""
+
+    def score(self, queries: Sequence[Query], answers: Sequence[str | None]) -> list[float]:
+        return [rule_reward(a, q) for q, a in zip(queries, answers, strict=True)]

@@ -6,8 +6,8 @@ import concurrent.futures as cf
 from collections.abc import Sequence
 
 from agentflow.chat import chat_ids, stop_ids
+from agentflow.lm import LanguageModel, SamplingConfig
 from agentflow.tools.base import Tool, ToolResult
-from engine.rollout.protocol import RolloutEngine, SamplingConfig
 
 SYSTEM = "You are a helpful assistant. Answer the question briefly."
 
@@ -17,7 +17,7 @@ class BaseGenerator(Tool):
     description = "asks a language model a self-contained question and returns its reply"
     command_format = "a self-contained question in plain text"
 
-    def __init__(self, engine: RolloutEngine, max_new_tokens: int = 128, max_prompt_chars: int = 2000) -> None:
+    def __init__(self, engine: LanguageModel, max_new_tokens: int = 128, max_prompt_chars: int = 2000) -> None:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.max_prompt_chars = max_prompt_chars

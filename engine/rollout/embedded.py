@@ -14,7 +14,7 @@ Algorithm of one `generate` call (all prompts in one batch, optionally split by 
 The processed distribution is `log_softmax(logits / T)`, restricted to `allowed_token_ids`
 (constrained decoding: every other id gets probability 0), then to the top-k logits and then to
 the smallest top-p nucleus (renormalised) when those are set, in the order vLLM's sampler and
-`engine.logprob_gap.sampling_logprobs` apply them; with no restriction it is exactly
+`engine.rollout.sampling.processed_logprobs` apply them; with no restriction it is exactly
 `log_softmax(logits / T)`, the quantity the trainer recomputes. Greedy (`T=0`) takes the
 argmax and reports `log_softmax(logits)` of it (temperature 1), since `logits / 0` has no meaning.
 
@@ -38,33 +38,10 @@ from typing import Any
 import torch
 
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport
+from engine.rollout.sampling import processed_logprobs
 
 WAKE_TAGS = ("weights", "kv_cache")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Float32 log-probs [B, V] of the distribution `generate` samples from (see the module docstring)."""
-    logits = logits.float()
-    vocab = logits.shape[-1]
-    if sampling.allowed_token_ids is not None:
-        allowed = torch.tensor(sampling.allowed_token_ids, dtype=torch.long, device=logits.device)
-        keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        keep[allowed] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if sampling.temperature == 0:
-        return torch.log_softmax(logits, dim=-1)
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < vocab:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum <= 1.0 - sampling.top_p  # the low tail whose total mass is <= 1 - p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
 
 
 class EmbeddedEngine:

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from engine.memory import explain_oom, is_oom
+from engine.device_memory import explain_oom, is_oom
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport
 from engine.rollout.weight_buckets import pack_buckets
 

@@ -7,15 +7,16 @@ import copy
 import pytest
 import torch
 
-from engine.memory import (
+from engine.device_memory import (
+    DeviceMemoryManager,
     HostOffloader,
-    MemoryManager,
     PhaseOrderError,
     PhaseOutOfMemoryError,
     fmt_bytes,
     snapshot,
 )
 from engine.rollout.protocol import SleepReport, SyncReport
+from engine.timer import PhaseTimer
 
 SNAPSHOT_KEYS = {
     "phase",
@@ -143,17 +144,21 @@ def test_manager_owns_the_order_and_records_every_phase(device):
     _set_grads(model, 0)
     opt.step()
     engine = ScriptedEngine()
-    mm = MemoryManager(engine=engine, offloader=HostOffloader(opt, device=device), sleep_level=2, device=device)
+    mm = DeviceMemoryManager(engine=engine, offloader=HostOffloader(opt, device=device), sleep_level=2, device=device)
     mm.to_train()  # from the start state: the engine gives its memory back, nothing to reload yet
     assert engine.calls == [("sleep", 2)]
     with pytest.raises(PhaseOrderError, match="already in train"):
         mm.to_train()
-    records = mm.to_rollout(lambda: model.named_parameters())
+    timer = PhaseTimer(device)
+    records = mm.to_rollout(lambda: model.named_parameters(), timer=timer)
     assert engine.calls[1:] == [("wake", ("weights",)), ("sync", 4), ("wake", ("kv_cache",))]
     assert [r["phase"] for r in records] == ["offload-trainer", "wake-weights", "sync", "wake-kv_cache"]
     assert records[0]["move"].bytes > 0 and records[2]["sync"].complete
+    timed = timer.collect()
+    assert set(timed.phases) == {"update_weights"}, "the sync is the update_weights phase on the step's clock"
+    assert set(timed.spans) == {"offload-trainer", "wake-weights", "wake-kv_cache"}
     for r in records:
-        assert r["seconds"] >= 0 and set(r["memory"]) >= SNAPSHOT_KEYS
+        assert set(r["memory"]) >= SNAPSHOT_KEYS
         assert r["memory"]["engine_held_bytes"] == engine.held
     with pytest.raises(PhaseOrderError, match="already in rollout"):
         mm.to_rollout()
@@ -162,7 +167,7 @@ def test_manager_owns_the_order_and_records_every_phase(device):
     assert records[0]["sleep"].freed_bytes == engine.held
     assert all(v.numel() > 0 for _, v in _state_tensors(opt))
     with pytest.raises(ValueError, match="sleep_level"):
-        MemoryManager(sleep_level=3)
+        DeviceMemoryManager(sleep_level=3)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +175,7 @@ def test_manager_owns_the_order_and_records_every_phase(device):
     [("rollout", "KV-cache size"), ("train", "token budget"), ("wake-weights", "offload its optimizer state")],
 )
 def test_out_of_memory_in_a_phase_names_phase_bytes_and_knob(phase, knob):
-    mm = MemoryManager(engine=ScriptedEngine(held=3 << 30), device="cpu")
+    mm = DeviceMemoryManager(engine=ScriptedEngine(held=3 << 30), device="cpu")
     with pytest.raises(PhaseOutOfMemoryError) as info, mm.phase(phase):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     err = info.value
@@ -182,7 +187,7 @@ def test_out_of_memory_in_a_phase_names_phase_bytes_and_knob(phase, knob):
 
 
 def test_other_errors_pass_through_phases_unchanged():
-    mm = MemoryManager(device="cpu")
+    mm = DeviceMemoryManager(device="cpu")
     with pytest.raises(KeyError), mm.phase("rollout"):
         raise KeyError("not memory")
     with pytest.raises(PhaseOutOfMemoryError, match="DefaultCPUAllocator"), mm.phase("train"):
@@ -202,7 +207,7 @@ def test_manager_drives_the_real_vllm_engine(tiny_model_dir):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _set_grads(model, 0)
     opt.step()
-    mm = MemoryManager(engine=engine, offloader=HostOffloader(opt, device=engine.device), device=engine.device)
+    mm = DeviceMemoryManager(engine=engine, offloader=HostOffloader(opt, device=engine.device), device=engine.device)
     records = mm.to_rollout(lambda: model.named_parameters())
     sync = records[2]["sync"]
     assert sync.complete and sync.bytes_moved > 0

@@ -5,23 +5,21 @@
 The JSON file is a list of trajectories (`query_id`, `group_index`, `query`, `gold`, `answer`,
 `reward`, `stop_reason`, `turns` with `prompt_ids`, `response_ids`, `response_logprobs`, `valid`,
 `tool`, `sub_goal`, `command`, `tool_result`, and the full `memory`), written atomically (temporary
-file + rename). A short summary (success rate, turns per trajectory, tokens, time per phase) goes
-to stdout.
+file + rename). A short summary (success rate, turns per trajectory, tokens, time per role) goes
+to stdout. The engine comes from `engine.build.build_engine`, the clock is `engine.timer.PhaseTimer`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from agentflow.loop import AGENT_MODES, AgentConfig, RolloutResult, rollout
+from agentflow.runner import AGENT_MODES, AgentConfig, RolloutResult, run_trajectories
 from agentflow.tasks import TASKS, load_jsonl, load_task
 from agentflow.tools import TOOL_NAMES
+from engine.fsio import atomic_write_json
+from engine.timer import PhaseTimer, Timings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,41 +54,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    if args.engine == "vllm":
-        try:
-            from engine.rollout.vllm_engine import VLLMEngine
-        except ImportError as e:
-            raise RuntimeError(f"the vLLM engine is unavailable ({e}); install vLLM or use --engine embedded") from e
-        return VLLMEngine.from_pretrained(args.model, dtype=args.dtype, seed=args.seed)
-    import torch
+    from engine.build import build_engine, vllm_available
+    from engine.model import check_model_dir
+    from engine.presets import RolloutConfig
 
-    from engine.rollout.embedded import EmbeddedEngine
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return EmbeddedEngine.from_pretrained(args.model, dtype=args.dtype, device=device)
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if args.engine == "vllm" and not vllm_available():
+        raise RuntimeError(
+            "the vLLM engine is unavailable (vllm is not installed); install it or use --engine embedded"
+        )
+    return build_engine(
+        args.engine,
+        RolloutConfig(engine=args.engine),
+        model_dir=check_model_dir(args.model),
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.context_budget,
+        device=args.device,
+    )
 
 
-def format_summary(result: RolloutResult, args: argparse.Namespace) -> str:
+def format_summary(result: RolloutResult, timings: Timings, args: argparse.Namespace) -> str:
     s = result.summary()
     c = s["counters"]
-    t = s["timings_s"]
-    phases = "  ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
+    parts = {**timings.spans, "reward": timings.phases.get("reward", 0.0)}
+    phases = "  ".join(f"{k} {v:.2f}s" for k, v in parts.items())
     calls = "  ".join(
         f"{p} {int(c.get(f'{p}_calls', 0))}" for p in ("planner", "executor", "verifier", "generator", "judge")
     )
@@ -103,7 +90,7 @@ def format_summary(result: RolloutResult, args: argparse.Namespace) -> str:
             f"planner tokens: prompt {s['planner_prompt_tokens']}  response {s['planner_response_tokens']}",
             f"stop reasons: {reasons}",
             f"generate calls: {calls}",
-            f"time: total {t['total']:.2f}s  {phases}",
+            f"time: total {sum(timings.phases.values()):.2f}s  {phases}",
         ]
     )
 
@@ -131,10 +118,12 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"flowgrpo solve: error: {e}", file=sys.stderr)
         return 2
-    result = rollout(engine, queries, args.group_size, config, seed=args.seed)
+    timer = PhaseTimer(getattr(engine, "device", None))
+    with timer.phase("gen"):
+        result = run_trajectories(engine, queries, args.group_size, config, seed=args.seed, timer=timer)
     if args.json_out:
-        write_json_atomic(args.json_out, [tr.to_dict() for tr in result.trajectories])
-    print(format_summary(result, args))
+        atomic_write_json(args.json_out, [tr.to_dict() for tr in result.trajectories])
+    print(format_summary(result, timer.collect(), args))
     if args.json_out:
         print(f"wrote {len(result.trajectories)} trajectories to {args.json_out}")
     return 0

@@ -10,8 +10,9 @@ One device holds both. The order of one step (DESIGN.md, data flow):
                  → trainer state back on the device
     ... update ...
 
-`MemoryManager` owns that order (calling `to_rollout` twice, or `to_train` before a rollout,
-raises), times every stage, and takes a `snapshot` after each: torch allocated / reserved / peak
+`DeviceMemoryManager` owns that order (calling `to_rollout` twice, or `to_train` before a rollout,
+raises), times every stage on the step's timer (the sync is the `update_weights` phase, the other
+stages are spans), and takes a `snapshot` after each: torch allocated / reserved / peak
 (CUDA), device-level used memory from NVML (nvidia-ml-py; where there is no NVML the snapshot
 says `nvml: unavailable (<reason>)`), and the process RSS. An out-of-memory error inside any
 phase is re-raised as `PhaseOutOfMemoryError` naming the phase, the bytes the rollout engine and
@@ -21,6 +22,9 @@ Offloading keeps tensor identity: a state tensor's storage is swapped (`t.data =
 the device and a pinned host buffer that is allocated once and reused, so the optimizer keeps
 its references and needs no re-binding. `RegionOffloader` does the same without any copy of
 tensor objects, by pausing a tagged region of the VMM allocator (`engine.allocator`).
+
+`PhaseMemory` is the timer hook that gives every step phase its own snapshot (on CUDA the peak
+counter is reset when a phase starts, so each phase reports its own peak).
 
 Simplification: one device, one trainer, one engine.
 """
@@ -36,6 +40,9 @@ from typing import Any, Protocol
 
 import torch
 
+from agentflow.timing import NO_TIMER, Timer
+from engine.timer import PHASES
+
 GiB = 1 << 30
 
 KNOBS: dict[str, str] = {
@@ -44,7 +51,7 @@ KNOBS: dict[str, str] = {
         "(max_num_batched_tokens, max_num_seqs, max_new_tokens) or the group size G"
     ),
     "wake": (
-        "the trainer did not give back enough memory: offload its optimizer state and grads (MemoryManager "
+        "the trainer did not give back enough memory: offload its optimizer state and grads (DeviceMemoryManager "
         "offloader) or lower the rollout engine's KV-cache size (gpu_memory_utilization / kv_cache_bytes)"
     ),
     "sync": "lower the weight-sync bucket size (bucket_bytes) or wake the KV cache only after the sync",
@@ -385,7 +392,7 @@ class PhaseOrderError(RuntimeError):
 
 
 @dataclass
-class MemoryManager:
+class DeviceMemoryManager:
     """Owns the rollout ↔ train order on one device and records memory per phase.
 
     `engine`: a `RolloutEngine` (None: trainer only). `offloader`: a `HostOffloader` or
@@ -414,53 +421,72 @@ class MemoryManager:
         return snap
 
     @contextlib.contextmanager
-    def phase(self, name: str, **info: Any) -> Iterator[dict[str, Any]]:
-        """Time a phase, record a snapshot after it, and turn OOM into `PhaseOutOfMemoryError`."""
+    def phase(self, name: str, timer: Timer = NO_TIMER, **info: Any) -> Iterator[dict[str, Any]]:
+        """Time a stage on `timer`, record a snapshot after it, and turn OOM into `PhaseOutOfMemoryError`."""
         record: dict[str, Any] = {"phase": name, **info}
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)  # so the snapshot's peak is this phase's
-        t0 = time.perf_counter()
+            torch.cuda.reset_peak_memory_stats(self.device)  # so the snapshot's peak is this stage's
+        bracket = timer.phase("update_weights") if name == "sync" else timer.span(name)
         try:
-            yield record
+            with bracket:
+                yield record
         except Exception as e:
             if is_oom(e) and not isinstance(e, PhaseOutOfMemoryError):
                 raise explain_oom(name, e, engine=self.engine) from e
             raise
-        record["seconds"] = time.perf_counter() - t0
         record["memory"] = self.snapshot(name)
         self.history.append(record)
 
-    def to_rollout(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None) -> list[dict]:
+    def to_rollout(
+        self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None, timer: Timer = NO_TIMER
+    ) -> list[dict]:
         """Trainer state off the device, engine weights in, new weights synced, KV cache in."""
         if self.current == "rollout":
             raise PhaseOrderError("to_rollout called while already in rollout; call to_train first")
         start = len(self.history)
         if self.offloader is not None:
-            with self.phase("offload-trainer") as rec:
+            with self.phase("offload-trainer", timer) as rec:
                 rec["move"] = self.offloader.offload()
             self._trainer_offloaded = True
         if self.engine is not None:
-            with self.phase("wake-weights"):
+            with self.phase("wake-weights", timer):
                 self.engine.wake(["weights"])
             if weights is not None:
-                with self.phase("sync") as rec:
+                with self.phase("sync", timer) as rec:
                     rec["sync"] = self.engine.sync_weights(weights())
-            with self.phase("wake-kv_cache"):
+            with self.phase("wake-kv_cache", timer):
                 self.engine.wake(["kv_cache"])
         self.current = "rollout"
         return self.history[start:]
 
-    def to_train(self) -> list[dict]:
+    def to_train(self, timer: Timer = NO_TIMER) -> list[dict]:
         """Engine memory released (sleep), trainer state back on the device (from the start state too)."""
         if self.current == "train":
             raise PhaseOrderError("to_train called while already in train; call to_rollout first")
         start = len(self.history)
         if self.engine is not None:
-            with self.phase("sleep-rollout") as rec:
+            with self.phase("sleep-rollout", timer) as rec:
                 rec["sleep"] = self.engine.sleep(self.sleep_level)
         if self.offloader is not None and self._trainer_offloaded:
-            with self.phase("reload-trainer") as rec:
+            with self.phase("reload-trainer", timer) as rec:
                 rec["move"] = self.offloader.reload()
             self._trainer_offloaded = False
         self.current = "train"
         return self.history[start:]
+
+
+class PhaseMemory:
+    """Timer hook: resets the CUDA peak when a step phase starts, snapshots memory when it ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.snapshots: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, event: str) -> None:
+        if name == "step" or name not in PHASES:
+            return
+        if event == "enter":
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.snapshots[name] = snapshot(name, self.device)

@@ -1,0 +1,154 @@
+"""Builders of a run's parts: one place each, used by every entry point (train, solve, check-sync, bench).
+
+    planner_dir      where the planner's HF directory is: `--model DIR`, or the tiny model built
+                     into `run_dir/model` (reused when its settings match), or None for random
+                     weights of a Qwen2.5 architecture made on the device
+    build_tokenizer  the planner's tokenizer (the tiny one for random weights: its ids are a subset)
+    build_planner    the model: loaded from the directory, or random weights that must fit
+    choose_engine    which rollout engine: vLLM when asked, or when importable and there is a directory
+    build_engine     the engine itself: vLLM from the directory, or the embedded engine that samples
+                     from a given model object (the trainer's, so no sync is needed) or loads one
+
+Each builder appends what it decided to `notes` when given a list, so the run's header says it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.model import build_random_model, check_model_dir, load_planner, num_parameters, preset_config, resolve_dtype
+from engine.presets import ModelConfig, RolloutConfig
+from engine.rollout.protocol import RolloutEngine
+
+GiB = float(1 << 30)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def planner_dir(model: ModelConfig, run_dir: Path, notes: list[str] | None = None) -> Path | None:
+    """The planner's HF directory (see the module doc); None for random weights built on the device."""
+    if model.path is not None:
+        return check_model_dir(model.path)
+    if model.arch != "tiny":
+        return None
+    from engine.tiny import ensure_tiny
+
+    out, built = ensure_tiny(run_dir / "model", model.tiny)
+    if built and notes is not None:
+        notes.append(f"built the tiny model into {out}")
+    return out
+
+
+def build_tokenizer(model: ModelConfig, model_dir: Path | None, run_dir: Path, notes: list[str] | None = None):
+    from transformers import AutoTokenizer
+
+    if model_dir is not None:
+        return AutoTokenizer.from_pretrained(model_dir)
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        from engine.tiny import build_tokenizer as tiny_tokenizer
+
+        tiny_tokenizer(model.tiny.vocab_size, model.tiny.extra_tokens).save_pretrained(tok_dir)
+    if notes is not None:
+        notes.append(f"tokenizer: the tiny tokenizer ({tok_dir}); its ids are a subset of the vocabulary")
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def check_fits(arch: Any, dtype: str, device: torch.device) -> None:
+    """Refuse random weights that cannot train on `device`: weights + grads + AdamW's two moments."""
+    n = num_parameters(build_random_model(arch, dtype=dtype, device="meta"))
+    need = 4 * n * resolve_dtype(dtype).itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free:
+        raise ValueError(
+            f"{n / 1e9:.2f}B parameters in {dtype} need about {need / GiB:.1f} GiB for weights, gradients and AdamW "
+            f"state, but {device} has {free / GiB:.1f} GiB free; run this preset on a GPU (--device cuda) or "
+            f"pass a smaller model"
+        )
+
+
+def build_planner(
+    model: ModelConfig, model_dir: Path | None, tokenizer: Any, device: torch.device, seed: int, notes: list[str]
+):
+    """The planner on `device`: loaded from `model_dir`, or random weights of `model.arch` (checked to fit)."""
+    if model_dir is not None:
+        planner = load_planner(model_dir, dtype=model.dtype, device=device)
+    else:
+        arch = preset_config(model.arch)
+        for k, v in model.arch_overrides.items():
+            setattr(arch, k, v)
+        check_fits(arch, model.dtype, device)
+        planner = build_random_model(arch, dtype=model.dtype, device=device, seed=seed)
+        notes.append(f"random {model.arch} weights built on {device} (seed {seed})")
+    rows = planner.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's LM head only {rows} rows; "
+            f"they do not belong together"
+        )
+    return planner
+
+
+def choose_engine(want: str, model_dir: Path | None) -> tuple[str, str]:
+    """(engine kind, why) for `want` in auto | vllm | embedded."""
+    if want == "vllm":
+        if model_dir is None:
+            raise ValueError(
+                "--engine vllm needs a model directory (vLLM loads from disk); pass --model DIR, "
+                "or use --engine embedded for random weights built on the device"
+            )
+        if not vllm_available():
+            raise RuntimeError("--engine vllm: vLLM is not installed here; install it or use --engine embedded")
+        return "vllm", "requested"
+    if want == "embedded":
+        return "embedded", "requested"
+    if model_dir is None:
+        return "embedded", "auto: random weights on the device have no directory for vLLM to load"
+    if not vllm_available():
+        return "embedded", "auto: vLLM is not installed"
+    return "vllm", "auto: vLLM is installed"
+
+
+def build_engine(
+    kind: str,
+    rollout: RolloutConfig,
+    *,
+    model_dir: Path | None,
+    dtype: str,
+    seed: int,
+    max_model_len: int,
+    model: Any = None,
+    tokenizer: Any = None,
+    device: torch.device | str | None = None,
+) -> RolloutEngine:
+    """The rollout engine of `kind` ("vllm" | "embedded"). The embedded engine samples from `model`
+    (sharing its storage) when given, else loads `model_dir` onto `device`."""
+    if kind == "embedded":
+        from engine.rollout.embedded import EmbeddedEngine
+
+        if model is not None:
+            return EmbeddedEngine(model, tokenizer)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return EmbeddedEngine.from_pretrained(model_dir, dtype=dtype, device=device)
+    if kind != "vllm":
+        raise ValueError(f"engine must be 'vllm' or 'embedded', got {kind!r}")
+    from engine.rollout.vllm_engine import VLLMEngine
+
+    kw: dict[str, Any] = {}
+    if rollout.kv_cache_bytes is not None:
+        kw["kv_cache_bytes"] = rollout.kv_cache_bytes
+    if rollout.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    return VLLMEngine.from_pretrained(
+        model_dir, dtype=dtype, max_model_len=rollout.max_model_len or max_model_len, seed=seed, **kw
+    )
