@@ -43,6 +43,7 @@ PHASES: dict[str, str] = {
     "save_checkpoint": "checkpoint",
 }
 
+
 def timing_key(name: str) -> str:
     return f"timing_s/{name}"
 
