@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport
+from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.sampling import processed_logprobs
 
 WAKE_TAGS = ("weights", "kv_cache")
@@ -121,37 +121,10 @@ class EmbeddedEngine:
     def model(self) -> Any:
         return self._model
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[int]]:
-        if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("generate got an empty list of prompts; pass at least one prompt (a list of token ids)")
-        out = []
-        for i, p in enumerate(prompts):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token id")
-            lo, hi = min(ids), max(ids)
-            if lo < 0 or hi >= self._vocab:
-                raise ValueError(
-                    f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {self._vocab})"
-                )
-            if self._max_positions is not None and len(ids) >= self._max_positions:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens but the model handles at most {self._max_positions} positions; "
-                    f"shorten the prompt (the agent loop's context budget) or use a model with a longer context"
-                )
-            out.append(ids)
-        for t in sampling.stop_token_ids:
-            if not 0 <= t < self._vocab:
-                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self._vocab})")
-        bad = [t for t in sampling.allowed_token_ids or () if not 0 <= t < self._vocab]
-        if bad:
-            raise ValueError(f"allowed token id {bad[0]} is outside the vocabulary [0, {self._vocab})")
-        return out
-
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
-        ids = self._check_prompts(prompts, sampling)
+        ids = check_prompts(
+            prompts, sampling, self._vocab, self._max_positions, "the model's position limit (max_position_embeddings)"
+        )
         device = self._model.get_output_embeddings().weight.device
         gen = torch.Generator(device=device)
         if sampling.seed is None:

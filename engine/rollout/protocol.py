@@ -67,3 +67,33 @@ class RolloutEngine(LanguageModel, Protocol):
     def stats(self) -> dict[str, float]:
         """Counters since creation: prompts, generated tokens, seconds in generate, syncs, sleeps."""
         ...
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]], sampling: SamplingConfig, vocab_size: int, max_len: int | None, limit: str
+) -> list[list[int]]:
+    """The prompts as lists of ints, after one-line errors for what no engine can run: no prompts, an
+    empty prompt, a token id outside [0, vocab_size), a prompt of `max_len` tokens or more (`limit`
+    says which setting bounds it), stop or allowed token ids outside the vocabulary."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("generate got an empty list of prompts; pass at least one prompt (a list of token ids)")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token id")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if max_len is not None and len(ids) >= max_len:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens but {limit} is {max_len}; "
+                f"shorten the prompt (the agent loop's context budget) or raise that limit"
+            )
+        out.append(ids)
+    bad = [t for t in (*sampling.stop_token_ids, *(sampling.allowed_token_ids or ())) if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop/allowed token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return out

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from engine.device_memory import explain_oom, is_oom
-from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport
+from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.weight_buckets import pack_buckets
 
 WAKE_TAGS = ("weights", "kv_cache")
@@ -300,28 +300,7 @@ class VLLMEngine:
         return self._llm
 
     def _check(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[int]]:
-        if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("generate got an empty list of prompts; pass at least one prompt (a list of token ids)")
-        out = []
-        for i, p in enumerate(prompts):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token id")
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-            if len(ids) >= self.config.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens but the engine's max_model_len is {self.config.max_model_len}; "
-                    f"shorten the prompt (the agent loop's context budget) or raise max_model_len"
-                )
-            out.append(ids)
-        ids_to_check = list(sampling.stop_token_ids) + list(sampling.allowed_token_ids or ())
-        bad = [t for t in ids_to_check if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"stop/allowed token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        out = check_prompts(prompts, sampling, self.vocab_size, self.config.max_model_len, "the engine's max_model_len")
         if self._asleep:
             raise RuntimeError(
                 f"generate called while the engine's {sorted(self._asleep)} are asleep; call wake() first "
