@@ -134,7 +134,7 @@ if [ "$MODE" = wheels ]; then
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl.tmp "${WHEELS[@]}" || die "pip download of ${WHEELS[*]} failed"
   for w in .whl.tmp/*.whl; do
-    unzip -l "$w" | grep -q 'purelib\|\.py$' || die "$w holds no Python code"
+    [[ $w == *-none-any.whl ]] || die "$w is not a pure-Python wheel (py3-none-any); it may not run on the device"
   done
   kib=$(du -sk .whl.tmp | cut -f1)
   [ "$kib" -le $((32 * 1024)) ] || die ".whl would take ${kib} KiB; keep it under 32 MiB (the tree travels within 64 MiB)"
@@ -227,8 +227,10 @@ setup_steps() { # setup_steps DRY WHEEL...: nvidia-smi, wheels, library, imports
   if compgen -G ".whl/*.whl" >/dev/null; then
     local how=(--target "$SITE")
     [ "$dry" = 1 ] && how=(--dry-run)
-    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-      --find-links .whl "${how[@]}" "$@" && echo "wheels: $* from .whl/ ok" || rc=1
+    # isolated: no pip configuration or PIP_* variable adds another source of wheels than .whl/
+    PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --isolated --disable-pip-version-check --no-index --no-deps \
+      --ignore-installed --no-compile --no-cache-dir --find-links .whl "${how[@]}" "$@" \
+      && echo "wheels: $* from .whl/ ok" || rc=1
   else
     echo "WARNING: no .whl/*.whl: $* not installed (run \`make wheels\` here and carry .whl)"
   fi
@@ -240,6 +242,7 @@ setup_steps() { # setup_steps DRY WHEEL...: nvidia-smi, wheels, library, imports
     cat "$SCRATCH/cmake.log"
     rc=1
   fi
+  [ "$dry" = 1 ] && return $rc # the dry run checks the imports in its own process
   # shellcheck disable=SC2086  # IMPORTS is a word list
   "$PY" - $IMPORTS <<'EOF' || rc=1
 import importlib, sys
@@ -281,33 +284,44 @@ if [ "$MODE" = dry ]; then
   log "# dry run with $("$PY" --version 2>&1) ($PY): every stage's command line and every import, nothing measured"
   plan_table | tee -a "$LOG"
   fails=0
-  run_capped setup "${CAP[setup]}" bash -c 'setup_steps "$@"' setup 1 "${WHEELS[@]}" || fails=$((fails + 1))
+  run_capped setup 300 bash -c 'setup_steps "$@"' setup 1 "${WHEELS[@]}" || fails=$((fails + 1))
   probe_optional
-  # The bench stages: each command line through engine.cli with --dry-run, in one process (torch loads once).
+  # One process (torch loads once): the imports, then each stage's exact command line: pytest's with
+  # --collect-only (a lane that collects nothing fails), engine.cli's with --dry-run (argparse and each
+  # instrument's own checks of its values, before any work).
   LINES=$SCRATCH/dry.lines
   : >"$LINES"
   for s in "${SELECTED[@]}"; do
     stage_argv "$s" "${CAP[$s]}"
-    case $s in
-      kernel-tests | gpu-tests)
-        run_capped "$s" 120 "${ARGV[@]}" --collect-only -qq || fails=$((fails + 1))
-        ;;
-      *) printf '%s\t%s\n' "$s" "$(printf '%q ' "${ARGV[@]}")" >>"$LINES" ;;
-    esac
+    printf '%s\t%s\n' "$s" "$(printf '%q ' "${ARGV[@]}")" >>"$LINES"
   done
-  if [ -s "$LINES" ]; then
-    "$PY" - "$LINES" "$PY" <<'EOF' 2>&1 | tee -a "$LOG"
-import contextlib, io, shlex, sys
-from engine import cli
+  # shellcheck disable=SC2086  # IMPORTS is a word list
+  timeout 600 "$PY" - "$LINES" "$PY" $IMPORTS <<'EOF' 2>&1 | tee -a "$LOG"
+import contextlib, importlib, io, shlex, sys
+lines, py, imports = sys.argv[1], sys.argv[2], sys.argv[3:]
 failed = []
-for line in open(sys.argv[1]):
+for name in imports:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # any failure to import is a failure of the dry run
+        print(f"=== import {name} FAILED: {type(e).__name__}: {e}")
+        failed.append(f"import {name}")
+print(f"=== imports: {len(imports) - len(failed)} of {len(imports)} resolve")
+import pytest
+from engine import cli
+for line in open(lines):
     stage, command = line.rstrip("\n").split("\t", 1)
     argv = shlex.split(command)
-    assert argv[:3] == [sys.argv[2], "-m", "engine.cli"], f"stage {stage}: not an engine.cli command: {command}"
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            rc = cli.main([*argv[3:], "--dry-run"])
+            if argv[:3] == [py, "-m", "pytest"]:
+                rc = int(pytest.main([*argv[3:], "--collect-only", "-qq", "-p", "no:warnings"]))
+            elif argv[:3] == [py, "-m", "engine.cli"]:
+                rc = cli.main([*argv[3:], "--dry-run"])
+            else:
+                print(f"stage {stage}: neither pytest nor engine.cli: {command}", file=sys.stderr)
+                rc = 2
     except SystemExit as e:  # argparse rejects the command line
         rc = e.code
     status = "ok" if rc == 0 else f"FAILED (exit {rc})"
@@ -315,11 +329,11 @@ for line in open(sys.argv[1]):
     if rc != 0:
         print(err.getvalue().strip())
         failed.append(stage)
-print(f"=== bench dry runs: {len(failed)} failed" + (f": {','.join(failed)}" if failed else ""))
-sys.exit(len(failed))
+print(f"=== dry-run checks: {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+sys.exit(min(len(failed), 100))
 EOF
-    fails=$((fails + PIPESTATUS[0]))
-  fi
+  rc=${PIPESTATUS[0]}
+  fails=$((fails + (rc > 100 ? 1 : rc)))
   log "outputs under \$OUT on the device: $(outputs_list)"
   log "dry run: $fails failed"
   exit "$fails"
