@@ -11,7 +11,8 @@
 #     bash bench/gpu_session.sh --dry-run    every stage's command line parses, every import resolves; no measurement
 #     bash bench/gpu_session.sh --wheels     the wheels the device image lacks into .whl/ (what `make wheels` runs)
 # Options: --only A,B (stages to run; setup always runs), --cap STAGE=SECONDS (repeatable, e.g. a rerun
-# with more time), --deadline SECONDS (the whole run; a stage's cap is cut to what is left of it).
+# with more time), --deadline SECONDS (the whole run; a stage's cap is cut to what is left of it),
+# --allow-cpu (run the stages without a CUDA device: tests the harness on CPU, where they fail or time out).
 #
 # Runs with the machine's own python3 (PYTHON to change it), torch and triton; the repository is on
 # PYTHONPATH, the wheels in .whl/ are installed to a scratch --target (no index, no network). Setup
@@ -59,11 +60,13 @@ die() {
 
 MODE=run
 ONLY=
+ALLOW_CPU=0
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) MODE=dry ;;
     --plan) MODE=plan ;;
     --wheels) MODE=wheels ;;
+    --allow-cpu) ALLOW_CPU=1 ;;
     --only)
       [ $# -ge 2 ] || die "--only needs a comma-separated list of stages (${STAGES[*]})"
       ONLY=$2
@@ -218,6 +221,7 @@ IMPORTS="torch triton transformers safetensors tokenizers numpy matplotlib pynvm
 setup_steps() { # setup_steps DRY WHEEL...: nvidia-smi, wheels, library, imports; DRY=1 checks instead
   local dry=$1 rc=0 build
   shift
+  set -o pipefail # not inherited through bash -c
   if [ "$dry" = 1 ]; then
     bash -n "$SCRIPT" && echo "bash -n $SCRIPT: ok" || rc=1
   else
@@ -273,9 +277,18 @@ export PY SCRATCH SITE IMPORTS SCRIPT=$0
 
 XDIST=()
 LIGER=,liger
+HAS_CUDA=0
 probe_optional() { # xdist parallelises the kernel tests' compiles; Liger is a provider only where importable
-  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
-  "$PY" -c "import liger_kernel.chunked_loss" 2>/dev/null && return
+  local found
+  found=$("$PY" - <<'EOF'
+import importlib.util
+import torch
+print(" ".join(n for n in ("xdist", "liger_kernel") if importlib.util.find_spec(n)), "cuda" * torch.cuda.is_available())
+EOF
+  )
+  [[ " $found " == *" xdist "* ]] && XDIST=(-n 8)
+  [[ " $found " == *" cuda "* ]] && HAS_CUDA=1
+  [[ " $found " == *" liger_kernel "* ]] && return
   LIGER=
   log "WARNING: liger_kernel is not importable: lmhead runs without the Liger provider"
 }
@@ -347,14 +360,14 @@ fails=0
 FAILED=()
 run_capped setup "${CAP[setup]}" bash -c 'setup_steps "$@"' setup 0 "${WHEELS[@]}" || { fails=$((fails + 1)) && FAILED+=(setup); }
 probe_optional
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if [ "$ALLOW_CPU" = 0 ] && [ "$HAS_CUDA" = 0 ]; then
   log "no CUDA device visible to $PY: the stages need one; stopping before any of them"
   exit 2
 fi
 for s in "${SELECTED[@]}"; do
   left=$((DEADLINE - $(elapsed_s) - 5))
   cap=$((CAP[$s] < left ? CAP[$s] : left))
-  if [ "$cap" -lt 10 ]; then
+  if [ "$left" -lt 10 ]; then
     log "=== [$s] skipped: ${left} s left of the ${DEADLINE} s deadline"
     record "$s" 0 -1 0 skipped
     fails=$((fails + 1)) && FAILED+=("$s")
