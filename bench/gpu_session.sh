@@ -329,7 +329,7 @@ for line in open(lines):
     try:
         with contextlib.redirect_stderr(err):
             if argv[:3] == [py, "-m", "pytest"]:
-                rc = int(pytest.main([*argv[3:], "--collect-only", "-qq", "-p", "no:warnings"]))
+                rc = int(pytest.main([*argv[3:], "--collect-only", "-qq", "-W", "ignore::pytest.PytestAssertRewriteWarning"]))
             elif argv[:3] == [py, "-m", "engine.cli"]:
                 rc = cli.main([*argv[3:], "--dry-run"])
             else:
