@@ -132,17 +132,18 @@ fi
 
 if [ "$MODE" = wheels ]; then
   # The device README's recipe: no dependencies (they are in the image), binaries only, for its Python 3.12.
-  rm -rf .whl.tmp && mkdir -p .whl.tmp || die "cannot create .whl.tmp"
+  dl=$(mktemp -d "${TMPDIR:-/tmp}/flowgrpo-wheels.XXXXXX") || die "cannot create a download folder"
+  trap 'rm -rf "$dl"' EXIT
   "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl.tmp "${WHEELS[@]}" || die "pip download of ${WHEELS[*]} failed"
-  for w in .whl.tmp/*.whl; do
-    [[ $w == *-none-any.whl ]] || die "$w is not a pure-Python wheel (py3-none-any); it may not run on the device"
+    --platform manylinux2014_x86_64 -d "$dl" "${WHEELS[@]}" || die "pip download of ${WHEELS[*]} failed"
+  for w in "$dl"/*.whl; do
+    [[ $w == *-none-any.whl ]] || die "$(basename "$w") is not a pure-Python wheel (py3-none-any); it may not run on the device"
   done
-  kib=$(du -sk .whl.tmp | cut -f1)
-  [ "$kib" -le $((32 * 1024)) ] || die ".whl would take ${kib} KiB; keep it under 32 MiB (the tree travels within 64 MiB)"
+  kib=$(du -sk "$dl" | cut -f1)
+  [ "$kib" -le $((32 * 1024)) ] || die "the wheels would take ${kib} KiB; keep .whl/ under 32 MiB (the tree travels within 64 MiB)"
   [ -d .whl ] && echo "replacing .whl/: $(ls .whl | tr '\n' ' ')"
-  rm -rf .whl && mv .whl.tmp .whl
+  rm -rf .whl && mkdir .whl && mv "$dl"/*.whl .whl/ || die "cannot fill .whl/"
   echo "wheels in .whl/ (${kib} KiB): $(ls .whl | tr '\n' ' ')"
   exit 0
 fi
