@@ -14,7 +14,7 @@ STAMP := $(VENV)/.flowgrpo-$(if $(HAS_GPU),gpu,cpu)
 PRESET ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: run test install build lint clean
+.PHONY: run test install build lint clean wheels
 
 run: install
 	$(VENV)/bin/flowgrpo train --preset $(PRESET)
@@ -47,3 +47,8 @@ lint: install
 
 clean:
 	rm -rf build $(VENV)
+
+# The pure-Python wheels the GPU session needs that the device image lacks, into .whl/ (gitignored;
+# the device `run` carries it): see bench/gpu_session.sh.
+wheels:
+	PYTHON=$(PYTHON) bash bench/gpu_session.sh --wheels

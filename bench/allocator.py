@@ -95,15 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gib", default="1,4,8", help="comma-separated region sizes in GiB (default 1,4,8)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--save", nargs="?", const="", default=None, metavar="PATH", help="write the result JSON")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, measure nothing")
 
 
 def main(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print(
-            "error: the VMM allocator benchmark needs a CUDA device (torch.cuda.is_available() is False)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         sizes = [float(s) for s in args.gib.split(",") if s.strip()]
     except ValueError:
@@ -111,6 +106,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not sizes or min(sizes) <= 0 or args.repeats < 1:
         print("error: need sizes > 0 (--gib) and --repeats >= 1", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"# dry run: pause/resume of {sizes} GiB regions, {args.repeats} repeats, against pinned copies")
+        return 0
+    if not torch.cuda.is_available():
+        print(
+            "error: the VMM allocator benchmark needs a CUDA device (torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
         return 2
     cond = report.conditions(torch.device("cuda"))
     rows = [measure(g, args.repeats) for g in sizes]

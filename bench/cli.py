@@ -5,6 +5,7 @@
     step      the phase breakdown of a few training steps of a preset, per rollout engine (`bench.step`)
     scale     a sweep of the group size G at fixed queries and hardware, until the first OOM (`bench.scale`)
     allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
+    ceilings  copy GB/s, matmul TFLOP/s at the LM-head shapes, pinned host<->device GB/s (`bench.ceilings`)
 
 Each module defines `add_arguments(parser)` and `main(args) -> int`; this one only dispatches, and imports
 only the chosen module (as `engine.cli` does for commands).
@@ -20,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("bench.step", "phase breakdown of a few training steps (seconds, share, tokens/s, memory)"),
     "scale": ("bench.scale", "group-size sweep until the first out-of-memory: step time, tokens/s, memory"),
     "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
+    "ceilings": ("bench.ceilings", "the device's ceilings: copy GB/s, LM-head matmul TFLOP/s, pinned copy GB/s"),
 }
 
 

@@ -530,11 +530,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the result JSON (default path: bench/results/<device>-<date>.json)",
     )
     parser.add_argument("--compare", default=None, metavar="OLD.json", help="print speed-ups against a saved result")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, measure nothing")
 
 
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     ops = [o for o in args.ops.split(",") if o]
@@ -566,6 +567,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.dry_run:
+        for o in ops:
+            names = providers or default_providers(OPS[o], device)
+            runs = [s for s in shapes if len(s) == len(OPS[o].dims)]
+            print(f"# dry run: {o} on {device.type} {dtype}, providers {names}, shapes {runs}")
+        return 0
     cond = report.conditions(device)
     roof = None if args.no_roofline else roofline.measure(device, dtype)
     rows = run(ops, providers, shapes, dtype, device, warmup=args.warmup, repeats=args.repeats)

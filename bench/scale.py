@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,21 @@ def sweep(
     run_point: Callable[[int], dict[str, Any]],
     *,
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[dict[str, Any]]:
     """Run `run_point(G)` for G in `groups` (a summary from `bench.step.summarize`) until the first OOM.
 
+    With `budget_s`, a point is not started when the time spent so far plus twice the last point's time
+    (a point's time grows with G, which at least doubles from one point to the next) would pass the budget.
     Returns one row per G that ran, the OOM row last when there was one; other exceptions propagate."""
     rows = []
+    start = last = clock()
     for g in groups:
+        now = clock()
+        if budget_s is not None and rows and (now - start) + 2 * (now - last) > budget_s:
+            break
+        last = now
         oom = None
         try:
             s = run_point(g)
@@ -260,6 +270,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=str(report.RESULTS_DIR), help="directory of the CSV and PNG (default bench/results)"
     )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no point that would end past this many seconds (at twice the last point's time); default: none",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -271,6 +287,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if args.queries is not None and args.queries < 1:
             raise ValueError(f"--queries must be >= 1, got {args.queries}")
+        if args.budget_s is not None and args.budget_s <= 0:
+            raise ValueError(f"--budget-s must be > 0, got {args.budget_s}")
         groups = parse_groups(args.groups) if args.groups else default_groups(device, args.max_group)
         probe = build_config(preset_name, "auto", root, steps=args.steps, queries=args.queries, model=args.model)
         for g in groups:  # the preset's own checks (e.g. G >= 2) before anything runs
@@ -282,8 +300,16 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = args.model or shared_tiny_model(probe, root)
     queries = args.queries or probe.task.queries_per_step
+    if args.dry_run:
+        budget = "" if args.budget_s is None else f", budget {args.budget_s:g} s"
+        print(
+            f"# dry run: preset {preset_name}, engine {engine}, B={queries}, G in {groups}, {args.steps} steps{budget}"
+        )
+        if not args.run_dir:
+            root.rmdir()  # the empty temporary directory made above
+        return 0
+    model = args.model or shared_tiny_model(probe, root)
 
     def run_point(g: int) -> dict[str, Any]:
         cfg = build_config(
@@ -297,7 +323,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(f"# G={row['group_size']}: out of memory: {row['error']}", flush=True)
 
-    rows = sweep(groups, run_point, on_point=progress)
+    rows = sweep(groups, run_point, on_point=progress, budget_s=args.budget_s)
+    not_run = groups[len(rows) :] if rows and rows[-1]["status"] == "ok" else []
     cond = report.conditions(device)
     memory_label = (
         "torch peak allocated in the phase"
@@ -313,6 +340,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"largest G that fits: {fits if fits is not None else 'none'}"
         + ("" if rows[-1]["status"] == "oom" else " (no OOM within the sweep)")
+        + (f"; G={not_run} not run: the next point would pass --budget-s {args.budget_s:g}" if not_run else "")
     )
     if spread is not None:
         print(f"train peak memory spread over the sweep: {100 * spread:.1f}% ((max - min) / min)")
@@ -331,6 +359,7 @@ def main(args: argparse.Namespace) -> int:
         "steps_per_point": args.steps,
         "memory": memory_label,
         "largest_fitting_group": fits,
+        "not_run_budget": not_run,
         "train_memory_spread": spread,
         "rows": rows,
         "csv": str(csv_path),

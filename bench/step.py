@@ -207,6 +207,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save", nargs="?", const="", default=None, metavar="PATH", help="write the JSON (default: bench/results/)"
     )
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, run nothing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +259,14 @@ def main(args: argparse.Namespace) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(
+            f"# dry run: preset {preset_name}, engines {engines}, B={probe.task.queries_per_step} x "
+            f"G={probe.task.group_size}, {args.steps} steps, {probe.model.dtype}"
+        )
+        if not args.run_dir:
+            root.rmdir()  # the empty temporary directory made above
+        return 0
     model = args.model or shared_tiny_model(probe, root)
     summaries: dict[str, Any] = {}
     for engine in engines:
