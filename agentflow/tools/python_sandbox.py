@@ -205,6 +205,8 @@ def die_with_parent():
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 def init():
     die_with_parent()
+    for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):  # init ignores default-action signals from inside
+        signal.signal(sig, signal.SIG_DFL)
     R = C["root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount(R, R, None, MS_BIND)
@@ -262,7 +264,10 @@ try:
         os._exit(125)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if os.geteuid() == 0:
-        os.setgroups([])
+        try:
+            os.setgroups([])
+        except PermissionError:  # root of a user namespace whose setgroups is denied: groups stay as they are
+            pass
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
     b0 = os.fork()
@@ -459,12 +464,10 @@ def _drain(stream, cap: int, sink: list[bytes], dropped: list[int]) -> None:
 
 
 def _read_status(fd: int, lines: list[dict], got_init: threading.Event) -> None:
-    buf = b""
     with os.fdopen(fd, "rb") as f:
         for raw in f:
-            buf = raw.strip()
-            if buf:
-                msg = json.loads(buf)
+            if raw.strip():
+                msg = json.loads(raw)
                 lines.append(msg)
                 if "init" in msg:
                     got_init.set()
@@ -491,7 +494,10 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> ToolResult
             f.write(code)
         root_run = os.geteuid() == 0
         if root_run:
-            os.chown(work, SANDBOX_ID, SANDBOX_ID)
+            try:
+                os.chown(work, SANDBOX_ID, SANDBOX_ID)
+            except OSError:  # root of a user namespace without uid 65534: map the trainer's own uid
+                root_run = False
         try:
             plan = _build_root(base, work, limits)
         except _Refused as e:
