@@ -90,7 +90,7 @@ def test_the_parents_environment_cannot_be_read():
     )
     parent = (
         "import sys\nfrom agentflow.tools.python_sandbox import SandboxLimits, run_python\n"
-        f"r = run_python(sys.argv[1], SandboxLimits(wall_seconds=10.0, max_output_chars=100000))\nprint(r.ok, r.text)"
+        "r = run_python(sys.argv[1], SandboxLimits(wall_seconds=10.0, max_output_chars=100000))\nprint(r.ok, r.text)"
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_TOKEN": secret}
     p = subprocess.run(

@@ -51,6 +51,7 @@ exceptions, blocked actions) comes back as a one-paragraph error text.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -314,51 +315,76 @@ except OSError as e:
     fail("sandbox launcher", f"{e}")
 """
 
-# Syscall numbers the launcher and the seccomp filter need (x86-64: asm/unistd_64.h; arm64: the
-# generic table asm-generic/unistd.h). AUDIT_ARCH values from linux/audit.h.
-_ARCH = {
-    "x86_64": {
-        "audit": 0xC000003E,
-        "pivot_root": 155,
-        "mount_setattr": 442,
-        "capset": 126,
-        "clone": 56,
-        "clone3": 435,
-        "deny": (101, 165, 166, 155, 161, 167, 168, 169, 175, 176, 246, 320, 313, 272, 308, 321, 298, 250, 248, 249,
-                 323, 163, 310, 311, 303, 304, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442, 179, 103),
-    },  # fmt: skip
-    "aarch64": {
-        "audit": 0xC00000B7,
-        "pivot_root": 41,
-        "mount_setattr": 442,
-        "capset": 91,
-        "clone": 220,
-        "clone3": 435,
-        "deny": (117, 40, 39, 41, 51, 224, 225, 142, 105, 106, 104, 294, 273, 97, 268, 280, 241, 219, 217, 218, 282,
-                 89, 270, 271, 264, 265, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442, 60, 116),
-    },  # fmt: skip
+# Syscall numbers: (x86-64, from asm/unistd_64.h; arm64, from the generic asm-generic/unistd.h).
+_SYSCALLS = {
+    "ptrace": (101, 117),
+    "mount": (165, 40),
+    "umount2": (166, 39),
+    "pivot_root": (155, 41),
+    "chroot": (161, 51),
+    "swapon": (167, 224),
+    "swapoff": (168, 225),
+    "reboot": (169, 142),
+    "init_module": (175, 105),
+    "delete_module": (176, 106),
+    "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294),
+    "finit_module": (313, 273),
+    "unshare": (272, 97),
+    "setns": (308, 268),
+    "bpf": (321, 280),
+    "perf_event_open": (298, 241),
+    "keyctl": (250, 219),
+    "add_key": (248, 217),
+    "request_key": (249, 218),
+    "userfaultfd": (323, 282),
+    "acct": (163, 89),
+    "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271),
+    "name_to_handle_at": (303, 264),
+    "open_by_handle_at": (304, 265),
+    "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427),
+    "open_tree": (428, 428),
+    "move_mount": (429, 429),
+    "fsopen": (430, 430),
+    "fsconfig": (431, 431),
+    "fsmount": (432, 432),
+    "fspick": (433, 433),
+    "mount_setattr": (442, 442),
+    "quotactl": (179, 60),
+    "syslog": (103, 116),
+    "capset": (126, 91),
+    "clone": (56, 220),
+    "clone3": (435, 435),
 }
-# ptrace mount umount2 pivot_root chroot swapon swapoff reboot init_module delete_module kexec_load
-# kexec_file_load finit_module unshare setns bpf perf_event_open keyctl add_key request_key userfaultfd
-# acct process_vm_readv process_vm_writev name_to_handle_at open_by_handle_at io_uring_{setup,enter,
-# register} open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr quotactl syslog (same order).
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # linux/audit.h
+# Refused with EPERM: everything that reconfigures the kernel, namespaces or mounts, or reaches other
+# processes' memory; clone3 gets ENOSYS (libc then uses clone, whose flags the filter can read).
+_DENIED = tuple(name for name in _SYSCALLS if name not in ("capset", "clone", "clone3"))
+
+
+def _nr(name: str, machine: str) -> int:
+    return _SYSCALLS[name][0 if machine == "x86_64" else 1]
+
+
 _CLONE_NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
 _UNSHARE = 0x10000000 | 0x00020000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000
 
 
 def seccomp_program(machine: str) -> bytes:
-    """The classic-BPF seccomp filter for `machine` (a key of _ARCH): deny-list, allow the rest."""
-    a = _ARCH[machine]
+    """The classic-BPF seccomp filter for `machine` ("x86_64" or "aarch64"): deny-list, allow the rest."""
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, deny, enosys, kill = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38, 0x80000000
     # (code, jt_label_or_offset, jf, k); labels resolved below
-    prog: list[tuple[int, object, object, int]] = [(ld, 0, 0, 4), (jeq, 1, 0, a["audit"]), (ret, 0, 0, kill)]
+    prog: list[tuple[int, object, object, int]] = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[machine]), (ret, 0, 0, kill)]
     prog.append((ld, 0, 0, 0))
     if machine == "x86_64":  # the x32 ABI shares the arch value; refuse it outright
         prog.append((jge, "deny", 0, 0x40000000))
-    prog.append((jeq, "enosys", 0, a["clone3"]))
-    prog += [(jeq, "deny", 0, nr) for nr in a["deny"]]
-    prog.append((jeq, 0, "allow", a["clone"]))
+    prog.append((jeq, "enosys", 0, _nr("clone3", machine)))
+    prog += [(jeq, "deny", 0, _nr(name, machine)) for name in _DENIED]
+    prog.append((jeq, 0, "allow", _nr("clone", machine)))
     prog.append((ld, 0, 0, 16))  # low 32 bits of args[0] (little-endian): the clone flags
     prog.append((jset, "deny", "allow", _CLONE_NS))
     labels = {"allow": len(prog), "deny": len(prog) + 1, "enosys": len(prog) + 2}
@@ -438,7 +464,7 @@ class _Refused(Exception):
 def _host_refusal() -> str | None:
     if sys.platform != "linux":
         return f"the sandbox needs Linux namespaces, this host runs {sys.platform}"
-    if platform.machine() not in _ARCH:
+    if platform.machine() not in _AUDIT_ARCH:
         return f"the sandbox's seccomp filter knows x86_64 and aarch64, this host is {platform.machine()}"
     try:
         with open("/proc/sys/user/max_user_namespaces") as f:
@@ -512,7 +538,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> ToolResult
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        arch = _ARCH[platform.machine()]
+        machine = platform.machine()
         status_r, status_w = os.pipe()
         config = {
             **plan,
@@ -524,8 +550,8 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> ToolResult
             "id": SANDBOX_ID,
             "cwd": SANDBOX_DIR,
             "hostname": "sandbox",
-            "syscalls": {k: arch[k] for k in ("pivot_root", "mount_setattr", "capset")},
-            "seccomp": seccomp_program(platform.machine()).hex(),
+            "syscalls": {k: _nr(k, machine) for k in ("pivot_root", "mount_setattr", "capset")},
+            "seccomp": seccomp_program(machine).hex(),
             "argv": [sys.executable, "-I", "-B", "-c", BOOTSTRAP, json.dumps(asdict(limits))],
         }
         cmd = [sys.executable, "-I", "-S", "-B", "-c", LAUNCHER, json.dumps(config)]
@@ -590,10 +616,8 @@ def _kill_sandbox(proc: subprocess.Popen, status: list[dict], got_init: threadin
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _interpret(
