@@ -151,20 +151,24 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("max_processes", [None, 8])
-def test_a_setsid_child_dies_with_the_call(tmp_path, max_processes):
+@pytest.mark.parametrize("max_processes, ending", [(None, "exit"), (8, "exit"), (8, "wall-clock kill")])
+def test_a_setsid_child_dies_with_the_call(tmp_path, max_processes, ending):
     """Issue: a setsid child outlived the clean-up kill and kept writing after the call returned.
 
     With the default limits the fork itself fails (RLIMIT_NPROC 0 for a non-root uid); with
-    max_processes=8 it succeeds, and the PID namespace must take the child down with the call."""
+    max_processes=8 it succeeds, and the PID namespace must take the child down with the call, whether
+    the program exits or is killed at the wall-clock limit."""
     marker = f"flowgrpo-escape-{uuid.uuid4().hex}"
     target = tmp_path / "late.txt"
     loop = f"while :; do echo x >> {target}; echo x >> late.txt; sleep 0.05; done # {marker}"
     code = DISABLE_HOOK + (
         "import os\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    os.closerange(0, 256)\n"
-        f"    os.execv('/bin/sh', ['sh', '-c', {loop!r}])\nprint('forked')\n"
+        f"    os.execv('/bin/sh', ['sh', '-c', {loop!r}])\nprint('forked', flush=True)\n"
     )
-    limits = FAST if max_processes is None else SandboxLimits(wall_seconds=10.0, max_processes=max_processes)
+    if ending == "wall-clock kill":
+        code += "import time\ntime.sleep(600)\n"
+    wall = 10.0 if ending == "exit" else 2.0
+    limits = FAST if max_processes is None else SandboxLimits(wall_seconds=wall, max_processes=max_processes)
     try:
         r = run_python(code, limits)
         alive = _processes_with(marker)
@@ -172,8 +176,10 @@ def test_a_setsid_child_dies_with_the_call(tmp_path, max_processes):
         assert not target.exists()
         if max_processes is None:
             assert "BlockingIOError" in r.text, r.text
-        else:
+        elif ending == "exit":
             assert r.ok and r.text == "forked", r.text
+        else:
+            assert r.text == "forked\nerror: wall-clock time limit exceeded (2 s); the program was killed", r.text
     finally:
         for pid in _processes_with(marker):
             os.kill(pid, signal.SIGKILL)
