@@ -454,6 +454,11 @@ def _build_root(base: str, work: str, limits: SandboxLimits) -> dict:
     binds.append([work, root + SANDBOX_DIR, "rw"])
     if not os.path.lexists(root + "/tmp"):
         os.symlink(SANDBOX_DIR, root + "/tmp")
+    for d, _, files in os.walk(root):  # whatever the trainer's umask, the sandbox uid must traverse the skeleton
+        os.chmod(d, 0o755)
+        for f in files:
+            if not os.path.islink(os.path.join(d, f)):
+                os.chmod(os.path.join(d, f), 0o644)
     shm = f"size={limits.file_size_mb}m,nr_inodes=256,mode=1777"
     return {"root": root, "binds": binds, "tmpfs": [[root + "/dev/shm", shm]], "proc": root + "/proc"}
 
@@ -531,12 +536,14 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> ToolResult
     try:
         work = os.path.join(base, "work")
         os.mkdir(work, 0o700)
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
+        main = os.path.join(work, "main.py")
+        with open(main, "w", encoding="utf-8") as f:
             f.write(code)
         root_run = os.geteuid() == 0
         if root_run:
             try:
-                os.chown(work, SANDBOX_ID, SANDBOX_ID)
+                for p in (work, main):
+                    os.chown(p, SANDBOX_ID, SANDBOX_ID)
             except OSError:  # root of a user namespace without uid 65534: map the trainer's own uid
                 root_run = False
         try:
