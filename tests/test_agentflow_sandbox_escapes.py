@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -205,3 +206,34 @@ def test_code_runs_unprivileged_in_its_own_namespaces():
     assert pids == "[1, 2]"  # the sandbox's init and the program: no host process is visible
     assert calls == "-1 1 -1 1"  # unshare and mount: EPERM (seccomp)
     assert net == "101"  # ENETUNREACH: the network namespace has no route
+
+
+def test_the_sandbox_dies_with_a_killed_trainer():
+    """SIGKILL of the trainer mid-call (no clean-up code runs) must still take every sandboxed process down."""
+    marker = f"flowgrpo-escape-{uuid.uuid4().hex}"
+    code = DISABLE_HOOK + f"import os\nos.execv('/bin/sh', ['sh', '-c', 'while :; do sleep 0.05; done # {marker}'])\n"
+    parent = (
+        "import sys\nfrom agentflow.tools.python_sandbox import SandboxLimits, run_python\n"
+        "run_python(sys.argv[1], SandboxLimits(wall_seconds=600.0, max_processes=4))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    trainer = subprocess.Popen([sys.executable, "-c", parent, code], env=env)
+
+    def sandboxed():  # the trainer's own command line holds the marker too
+        return [pid for pid in _processes_with(marker) if pid != trainer.pid]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not sandboxed() and trainer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sandboxed(), "the sandboxed loop never started"
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 30  # the kernel tears the namespaces down asynchronously
+        while sandboxed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sandboxed() == [], "sandboxed processes outlived the trainer"
+    finally:
+        trainer.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -180,7 +180,7 @@ if last is not None:
 # the plan the trainer computed (`_plan`). Status lines (JSON) go to the inherited status fd:
 # {"init": host pid of B}, {"status": wait status of C}, or {"setup_error": "..."} before any user code.
 LAUNCHER = r"""
-import ctypes, json, os, resource, signal, struct, sys
+import ctypes, json, os, resource, select, signal, struct, sys
 C = json.loads(sys.argv[1])
 ST = C["status_fd"]
 NR = C["syscalls"]
@@ -211,7 +211,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4
 AT_RDONLY, AT_NOSUID, AT_NODEV, AT_NOEXEC = 1, 2, 4, 8
 def die_with_parent():
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-def init():
+def init(b0_alive):
     die_with_parent()
     for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):  # init ignores default-action signals from inside
         signal.signal(sig, signal.SIG_DFL)
@@ -240,6 +240,9 @@ def init():
     check(libc.sethostname(name, ctypes.c_size_t(len(name))), "sethostname")
     os.setresgid(C["id"], C["id"], C["id"])
     os.setresuid(C["id"], C["id"], C["id"])
+    die_with_parent()  # changing uid/gid cleared it; if B0 died in between, its end of b0_alive is closed
+    if select.select([b0_alive], [], [], 0)[0]:
+        os._exit(125)
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     for cap in range(last_cap + 1):
@@ -293,12 +296,15 @@ try:
         os.write(w1, b"u")
         if os.read(r2, 1) != b"m":
             os._exit(125)
+        alive_r, alive_w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(alive_w)
             try:
-                init()
+                init(alive_r)
             except OSError as e:
                 fail("sandbox set-up", f"{e}")
+        os.close(alive_r)
         report(init=pid)
         os.waitpid(pid, 0)
         os._exit(0)
