@@ -208,7 +208,7 @@ def test_code_runs_unprivileged_in_its_own_namespaces():
     assert net == "101"  # ENETUNREACH: the network namespace has no route
 
 
-def test_the_sandbox_dies_with_a_killed_trainer():
+def test_the_sandbox_dies_with_a_killed_trainer(tmp_path):
     """SIGKILL of the trainer mid-call (no clean-up code runs) must still take every sandboxed process down."""
     marker = f"flowgrpo-escape-{uuid.uuid4().hex}"
     code = DISABLE_HOOK + f"import os\nos.execv('/bin/sh', ['sh', '-c', 'while :; do sleep 0.05; done # {marker}'])\n"
@@ -216,7 +216,7 @@ def test_the_sandbox_dies_with_a_killed_trainer():
         "import sys\nfrom agentflow.tools.python_sandbox import SandboxLimits, run_python\n"
         "run_python(sys.argv[1], SandboxLimits(wall_seconds=600.0, max_processes=4))"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}  # what the killed trainer leaves
     trainer = subprocess.Popen([sys.executable, "-c", parent, code], env=env)
 
     def sandboxed():  # the trainer's own command line holds the marker too
