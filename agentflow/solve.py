@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    from engine.preflight import check_device, check_model_dir
+
+    check_model_dir(args.model, architecture=False)  # generation needs no packed forward: any causal LM
+    check_device(args.device)
     if args.engine == "vllm":
         try:
             from engine.rollout.vllm_engine import VLLMEngine

@@ -374,7 +374,7 @@ class TrainLoop:
         # resume or start over
         self.start_step = 1
         self.resumed_from = None
-        ck = load_latest(self.run_dir) if resume else None
+        ck = load_latest(self.run_dir, notes=self.notes) if resume else None
         if resume and ck is None:
             self.notes.append(f"--resume: no complete checkpoint in {self.run_dir}, starting at step 1")
         if not resume:

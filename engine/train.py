@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="train until this step (resumed runs continue the count)")
     p.add_argument("--run-dir", help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--restart", action="store_true", help="move an earlier run in --run-dir aside, then start over")
     p.add_argument("--trace-step", type=int, help="write a Chrome trace (torch.profiler) of this step")
     p.add_argument("--seed", type=int, help="run seed (queries and sampling of every step derive from it)")
     p.add_argument("--group-size", type=int, help="trajectories per query (G)")
@@ -75,12 +76,24 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
-    from engine.loop import TrainLoop
+    from engine.run_dir import prepared_run
 
     transformers.utils.logging.disable_progress_bar()
 
     try:
         cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"flowgrpo train: error: {e}", file=sys.stderr)
+        return 2
+    with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:
+        print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
+        return _run(cfg, args)
+
+
+def _run(cfg, args: argparse.Namespace) -> int:
+    from engine.loop import TrainLoop
+
+    try:
         loop = TrainLoop(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"flowgrpo train: error: {e}", file=sys.stderr)
