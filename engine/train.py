@@ -74,11 +74,7 @@ def main(args: argparse.Namespace) -> int:
     # warning at every sync of a tied LM head (the engine re-packs that head itself, engine.rollout.vllm_engine)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
     from engine.run_dir import prepared_run
-
-    transformers.utils.logging.disable_progress_bar()
 
     try:
         cfg = config_from_args(args)
@@ -91,7 +87,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, args: argparse.Namespace) -> int:
+    import transformers
+
     from engine.loop import TrainLoop
+
+    transformers.utils.logging.disable_progress_bar()
 
     try:
         loop = TrainLoop(cfg, resume=args.resume)
