@@ -68,7 +68,7 @@ def toy_args(model: str, run: Path, *extra: str) -> list[str]:
         "--run-dir",
         str(run),
         "--queries-per-step",
-        "3",
+        "1",
         "--group-size",
         "2",
         *extra,
