@@ -2,6 +2,8 @@
 
 Parsing is two-stage so `flowgrpo --help` does not import torch: the first word picks a module
 from COMMANDS, which then defines its own arguments (`add_arguments(parser)`) and runs (`main(args)`).
+A `UsageError` (bad input found before any work, `engine.preflight`) prints as one line,
+`flowgrpo: error: <line>`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from engine.preflight import UsageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("engine.tiny", "build a tiny tokenizer + random Qwen2 model locally (no network)"),
@@ -46,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"flowgrpo {name}", description=text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except UsageError as e:
+        print(f"flowgrpo: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ class TrainLoop:
 
     def _restore(self, resume: bool) -> tuple[int, MetricsWriter]:
         """Load the newest complete checkpoint (resume) or clear an earlier run; the first step and the writer."""
-        ck = load_latest(self.run_dir) if resume else None
+        ck = load_latest(self.run_dir, notes=self.notes) if resume else None
         if resume and ck is None:
             self.notes.append(f"--resume: no complete checkpoint in {self.run_dir}, starting at step 1")
         if not resume:

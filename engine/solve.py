@@ -55,9 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from engine.build import build_engine, vllm_available
-    from engine.model import check_model_dir
+    from engine.preflight import check_device, check_model_dir
     from engine.presets import RolloutConfig
 
+    model_dir = check_model_dir(args.model, architecture=False)  # generation needs no packed forward
+    check_device(args.device)
     if args.engine == "vllm" and not vllm_available():
         raise RuntimeError(
             "the vLLM engine is unavailable (vllm is not installed); install it or use --engine embedded"
@@ -65,7 +67,7 @@ def _engine(args: argparse.Namespace) -> Any:
     return build_engine(
         args.engine,
         RolloutConfig(engine=args.engine),
-        model_dir=check_model_dir(args.model),
+        model_dir=model_dir,
         dtype=args.dtype,
         seed=args.seed,
         max_model_len=args.context_budget,

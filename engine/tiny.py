@@ -5,6 +5,10 @@ No network: the tokenizer is a byte-level BPE trained on `engine/assets/tokenize
 and a ChatML chat template; the model is `Qwen2ForCausalLM` with random weights, saved as an HF
 directory with safetensors. It loads with `transformers.AutoModelForCausalLM.from_pretrained` and
 with `vllm.LLM(model=DIR)`. head_dim is at least 64 because vLLM's CPU attention rejects 16.
+
+Nothing is overwritten by accident: a path that is a file and a non-empty directory are refused
+(`--force` replaces the directory's contents). The model is built in a hidden sibling directory
+and renamed into place, so an interrupted build never leaves a half-written model under the name.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from engine.preflight import UsageError
 
 CORPUS = Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -85,12 +94,29 @@ def build_tokenizer(vocab_size: int, extra_tokens: tuple[str, ...] = ()):
     return fast
 
 
-def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
-    """Build tokenizer + random Qwen2 model into `out_dir` (created; existing files are overwritten)."""
+def check_target(out_dir: str | Path, *, force: bool = False) -> Path:
+    """`out_dir` as a Path if make-tiny may write there: missing, empty, or (force) a directory."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; pass a directory to build the tiny model into")
+    if out.is_dir() and not force:
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise UsageError(
+                f"{out} is not empty ({shown}); pass --force to replace its contents, or choose a new directory"
+            )
+    return out
+
+
+def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig(), *, force: bool = False) -> Path:
+    """Build tokenizer + random Qwen2 model into `out_dir` (missing or empty; `force`: replace what is there)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = check_target(out_dir, force=force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    out.mkdir()
     tok = build_tokenizer(cfg.vocab_size, cfg.extra_tokens)
     vocab = len(tok)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -116,7 +142,22 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "flowgrpo_tiny.json").write_text(json.dumps({**asdict(cfg), "actual_vocab_size": vocab}, indent=2) + "\n")
-    return out
+    for p in out.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # empty, or --force: the old contents go only once the new model is complete
+        trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        os.rename(out, final)
+        shutil.rmtree(trash)
+    else:
+        os.rename(out, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
 
 
 def ensure_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> tuple[Path, bool]:
@@ -148,21 +189,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-tie", action="store_true", help="separate LM head instead of tied embeddings")
+    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty output directory")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = TinyConfig(
-        vocab_size=args.vocab_size,
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        intermediate=args.intermediate,
-        dtype=args.dtype,
-        seed=args.seed,
-        tie_embeddings=not args.no_tie,
-    )
-    out = make_tiny(args.out_dir, cfg)
+    try:
+        cfg = TinyConfig(
+            vocab_size=args.vocab_size,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            intermediate=args.intermediate,
+            dtype=args.dtype,
+            seed=args.seed,
+            tie_embeddings=not args.no_tie,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = make_tiny(args.out_dir, cfg, force=args.force)
     meta = json.loads((out / "flowgrpo_tiny.json").read_text())
     with safe_open(out / "model.safetensors", framework="pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118

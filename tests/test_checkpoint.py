@@ -230,3 +230,132 @@ def test_writer_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, hook, exp
     assert_same_weights(model, reference)
     meta = json.loads((ck.path / "state.json").read_text())
     assert set(meta["files"]) == {"model.safetensors", "config.json", "optimizer.pt"}
+
+
+# ---- manifest: every file checksummed, damaged checkpoints skipped with the reason ----
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Flip one bit at `offset` (negative: from the end); the file keeps its size, so a size check passes."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _header_offset(path: Path) -> int:
+    """An offset inside the safetensors JSON header: a digit of the first data offset."""
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = path.read_bytes()[8 : 8 + n]
+    return 8 + header.index(b'"data_offsets":[') + len(b'"data_offsets":[')
+
+
+@pytest.mark.parametrize("damage", ["safetensors header", "tensor bytes", "optimizer.pt"])
+def test_a_damaged_checkpoint_is_skipped_for_the_newest_that_verifies(tmp_path, damage):
+    model = small_model(seed=1)
+    trainer = Trainer(model, config())
+    trainer.update(sequences(0))
+    save_checkpoint(tmp_path, 1, model, trainer.optimizer, {"n": 1})
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.update(sequences(1))
+    newest = save_checkpoint(tmp_path, 2, model, trainer.optimizer, {"n": 2})
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "optimizer.pt", "state.json"}
+    assert load_latest(tmp_path).step == 2
+
+    target = newest / ("optimizer.pt" if damage == "optimizer.pt" else "model.safetensors")
+    if damage == "safetensors header":
+        _flip(target, _header_offset(target))
+    elif damage == "tensor bytes":
+        _flip(target, -5)
+    else:
+        _flip(target, target.stat().st_size // 2)
+    assert load_latest(tmp_path, verify=False).step == 2, "sizes alone do not see the damage"
+    notes: list[str] = []
+    ck = load_latest(tmp_path, notes=notes)
+    assert ck.step == 1 and ck.state == {"n": 1}
+    assert notes == [f"skipped checkpoint step_000002: {target.name} is damaged: bytes 0..{target.stat().st_size} "
+                     "do not match their sha256"]  # fmt: skip
+    other = small_model(seed=9)
+    load_checkpoint(ck, other, Trainer(other, config()).optimizer)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_a_damaged_manifest_or_state_is_skipped_too(tmp_path):
+    model = small_model()
+    save_checkpoint(tmp_path, 1, model, None)
+    second = save_checkpoint(tmp_path, 2, model, None)
+    (second / "manifest.json").write_text("{")
+    notes: list[str] = []
+    assert load_latest(tmp_path, notes=notes).step == 1 and notes == [
+        "skipped checkpoint step_000002: manifest.json is damaged"
+    ]
+    third = save_checkpoint(tmp_path, 3, model, None, keep_last=5)
+    _flip(third / "state.json", 3)
+    notes.clear()
+    assert load_latest(tmp_path, notes=notes).step == 1
+    assert notes[0].startswith("skipped checkpoint step_000003: state.json")  # fmt: skip
+
+
+# ---- pruning: an interruption leaves nothing that looks like a checkpoint ----
+
+_PRUNER = r"""
+import os, shutil, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import Qwen2Config
+from engine import checkpoint as ck
+from engine.model import build_random_model
+run_dir = sys.argv[2]
+model = build_random_model(Qwen2Config(**__SMALL__, tie_word_embeddings=True), dtype="float32", seed=0)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+for step in (1, 2):
+    ck.save_checkpoint(run_dir, step, model, opt, keep_last=2)
+
+def stall(path, *args, **kwargs):  # the prune deletes one file of the old checkpoint, then the process dies
+    os.unlink(os.path.join(path, "model.safetensors"))
+    print("IN_FLIGHT", path, flush=True)
+    time.sleep(120)
+
+shutil.rmtree = stall
+ck.save_checkpoint(run_dir, 3, model, opt, keep_last=2)
+print("FINISHED", flush=True)
+""".replace("__SMALL__", repr(SMALL))
+
+
+def test_a_kill_during_pruning_leaves_no_incomplete_checkpoint_and_leftovers_are_cleaned(tmp_path):
+    from engine.checkpoint import clean_leftovers
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PRUNER, str(REPO), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("IN_FLIGHT"), proc.stderr.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    root = tmp_path / "checkpoints"
+    assert Path(line.split()[1]).name.startswith(".trash-step_000001-"), "pruning deletes a renamed directory"
+    steps = sorted(p.name for p in root.glob("step_*"))
+    assert steps == ["step_000002", "step_000003"], "the pruned checkpoint is gone under its own name at once"
+    assert [c.step for c in list_checkpoints(tmp_path)] == [2, 3] and load_latest(tmp_path).step == 3
+    # leftovers: the half-deleted trash dir, and a killed writer's temp dir
+    (root / ".tmp-step_000004-1-abcd").mkdir()
+    (root / ".tmp-step_000004-1-abcd" / "model.safetensors").write_bytes(b"\0" * 10)
+    removed = clean_leftovers(tmp_path)
+    assert len(removed) == 2 and any(r.startswith(".trash-step_000001-") for r in removed)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+
+
+def test_incomplete_step_directories_older_than_the_kept_ones_are_pruned(tmp_path):
+    """What an interrupted prune of an earlier version left: a step_* directory missing files."""
+    model = small_model()
+    first = save_checkpoint(tmp_path, 1, model, None)
+    (first / "model.safetensors").unlink()
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, model, None, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
