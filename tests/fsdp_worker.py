@@ -54,7 +54,11 @@ def main() -> None:
         attach_packed_forward(model)
         apply_fsdp(model, mesh)
     config = TrainerConfig(
-        lr=args.lr, kl_coef=args.kl_coef, micro_batch_tokens=int(__import__("os").environ.get("MBT", "96")), grad_clip=args.grad_clip, loss_impl="fused"
+        lr=args.lr,
+        kl_coef=args.kl_coef,
+        micro_batch_tokens=int(__import__("os").environ.get("MBT", "96")),
+        grad_clip=args.grad_clip,
+        loss_impl="fused",
     )
     trainer = Trainer(model, config, ref_model=ref, dp=dp)
     mine = sequences(model.config.vocab_size)[dp.rank :: dp.world]
