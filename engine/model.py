@@ -17,7 +17,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -170,6 +171,23 @@ def lm_head_weight(model) -> torch.Tensor:
 
 def lm_head_bias(model) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
+
+
+def packed_forward(model, mb: MicroBatch, head: Callable):
+    """`head(h, w, b)` on the response rows `h` [R, d] of the packed micro-batch and the LM head's
+    weight `w` [V, d] and bias `b` (or None): only response rows reach the vocabulary projection.
+
+    Bound to the model as `model.packed_forward` (`attach_packed_forward`) so that FSDP can wrap it
+    as a forward method; `head` must return a tensor or a tuple of them (FSDP hooks the backward
+    through the tensors it finds in the output)."""
+    h = hidden_states(model, mb).index_select(0, mb.loss_positions)
+    return head(h, lm_head_weight(model), lm_head_bias(model))
+
+
+def attach_packed_forward(model) -> None:
+    """Give `model` the method `packed_forward(mb, head)` (idempotent)."""
+    if "packed_forward" not in vars(model):
+        model.packed_forward = types.MethodType(packed_forward, model)
 
 
 def hidden_states(model, mb: MicroBatch) -> torch.Tensor:

@@ -52,8 +52,9 @@ import torch
 
 from agentflow.timing import NO_TIMER, Timer
 from engine.attention import enable_packed_attention
-from engine.model import flops_per_token, forward_flops, hidden_states, lm_head_bias, lm_head_weight, resolve_dtype
+from engine.model import attach_packed_forward, flops_per_token, forward_flops, lm_head_weight, resolve_dtype
 from engine.packing import MicroBatch, TrainSequence, pack
+from engine.parallelize import SINGLE, DataParallel
 
 __all__ = ["TrainBatch", "Trainer", "TrainerConfig", "flops_per_token"]
 
@@ -157,6 +158,12 @@ class TrainBatch:
         return [mb for mini in self.mini_batches for mb in mini]
 
 
+def _item(norm: torch.Tensor) -> float:
+    """A grad norm as a float; FSDP2's is a DTensor holding the global norm."""
+    full = getattr(norm, "full_tensor", None)
+    return (full() if callable(full) else norm).item()
+
+
 def _split_contiguous(n: int, k: int) -> list[range]:
     k = min(k, n)
     base, extra = divmod(n, k)
@@ -171,9 +178,17 @@ def _split_contiguous(n: int, k: int) -> list[range]:
 class Trainer:
     """Flow-GRPO updates of `model` (a transformers causal LM) with AdamW; see the module doc."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainerConfig, ref_model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainerConfig,
+        ref_model: torch.nn.Module | None = None,
+        dp: DataParallel = SINGLE,
+    ) -> None:
         self.model = model
         self.config = config
+        self.dp = dp
+        attach_packed_forward(model)
         self.loss_fn, self.logprob_fn = loss_functions(config.loss_impl)
         enable_packed_attention(model)
         if config.gradient_checkpointing:
@@ -187,6 +202,7 @@ class Trainer:
             self.ref_model.requires_grad_(False)
             self.ref_model.eval()
             enable_packed_attention(self.ref_model)
+            attach_packed_forward(self.ref_model)
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -246,9 +262,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def _head(self, model: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Response hidden rows and LM-head weight/bias in one dtype (the compute dtype when set)."""
-        w, b = lm_head_weight(model), lm_head_bias(model)
+    def _head(
+        self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Response hidden rows and LM-head weight/bias (restricted to the allowed rows) in one dtype."""
         if self._allowed is not None:
             w = w.index_select(0, self._allowed)
             b = None if b is None else b.index_select(0, self._allowed)
@@ -268,10 +285,12 @@ class Trainer:
         out = []
         with self._autocast():
             for mb in micro_batches:
-                h = hidden_states(model, mb).index_select(0, mb.loss_positions)
-                h, w, b = self._head(model, h)
-                lp = self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.config.temperature)
-                out.append(lp.float())
+
+                def head(h, w, b, mb=mb):
+                    h, w, b = self._head(h, w, b)
+                    return self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.config.temperature)
+
+                out.append(model.packed_forward(mb, head).float())
         return out
 
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
@@ -324,14 +343,16 @@ class Trainer:
             raise ValueError("kl_coef > 0: compute_ref_logprobs(batch) must run before the update")
         cfg = self.config
         mbs = batch.mini_batches[mini]
-        total_tokens = sum(mb.num_response_tokens for mb in mbs)
-        total_seqs = sum(mb.num_seqs for mb in mbs)
+        # the global denominators: over every rank's micro-batches of this mini-batch
+        token_mean = cfg.loss_agg == "token-mean"
+        total_tokens = self.dp.all_sum(sum(mb.num_response_tokens for mb in mbs))
+        total_seqs = self.dp.all_sum(sum(mb.num_seqs for mb in mbs))
         acc = {"loss": 0.0, "tokens": 0.0, "ratio_max": -math.inf}
         for j, mb in enumerate(mbs):
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[mini][j]
-            with self._autocast():
-                h = hidden_states(self.model, mb).index_select(0, mb.loss_positions)
-                h, w, b = self._head(self.model, h)
+
+            def head(h, w, b, mb=mb, j=j, ref=ref):
+                h, w, b = self._head(h, w, b)
                 out = self.loss_fn(
                     h,
                     w,
@@ -351,17 +372,18 @@ class Trainer:
                     entropy_coef=cfg.entropy_coef,
                     loss_agg=cfg.loss_agg,
                 )
-            if cfg.loss_agg == "token-mean":
-                scale = mb.num_response_tokens / total_tokens
-            else:
-                scale = mb.num_seqs / total_seqs
-            (out.loss * scale).backward()
-            acc["loss"] += out.loss.detach().item() * scale
-            n = out.metrics["num_tokens"]
+                return out.loss, out.metrics
+
+            with self._autocast():
+                loss, metrics = self.model.packed_forward(mb, head)
+            local, total = (mb.num_response_tokens, total_tokens) if token_mean else (mb.num_seqs, total_seqs)
+            (loss * self.dp.scale(local, total)).backward()
+            acc["loss"] += loss.detach().item() * local / total
+            n = metrics["num_tokens"]
             acc["tokens"] += n
             for key in ("pg_loss", "clipfrac", "clipfrac_lower", "kl", "entropy", "ratio_mean"):
-                acc[key] = acc.get(key, 0.0) + out.metrics[key] * n
-            acc["ratio_max"] = max(acc["ratio_max"], out.metrics["ratio_max"])
+                acc[key] = acc.get(key, 0.0) + metrics[key] * n
+            acc["ratio_max"] = max(acc["ratio_max"], metrics["ratio_max"])
         return acc
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -382,14 +404,16 @@ class Trainer:
                     sums[k] += acc[k]
                 tokens_seen += acc["tokens"]
                 ratio_max = max(ratio_max, acc["ratio_max"])
-                losses.append(acc["loss"])
-                norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+                losses.append(self.dp.all_sum(acc["loss"]))
+                norm = _item(torch.nn.utils.clip_grad_norm_(self.params, clip))
                 norms.append(norm)
                 if math.isfinite(norm):
                     self.optimizer.step()
                 else:
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
+        sums = {k: self.dp.all_sum(v) for k, v in sums.items()}
+        tokens_seen, ratio_max = self.dp.all_sum(tokens_seen), self.dp.all_max(ratio_max)
         mean = {k: (v / tokens_seen if tokens_seen else 0.0) for k, v in sums.items()}
         return {
             "actor/loss": sum(losses) / len(losses),
