@@ -8,6 +8,9 @@
     choose_engine    which rollout engine: vLLM when asked, or when importable and there is a directory
     build_engine     the engine itself: vLLM from the directory, or the embedded engine that samples
                      from a given model object (the trainer's, so no sync is needed) or loads one
+    build_helper     the frozen helper engine of every role but the planner (`HelperConfig`): the
+                     policy engine itself, a second vLLM engine on a base checkpoint, the embedded
+                     engine on the trainer's frozen reference model, or an OpenAI-compatible endpoint
 
 Each builder appends what it decided to `notes` when given a list, so the run's header says it.
 """
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from engine.model import build_random_model, check_model_dir, load_planner, num_parameters, preset_config, resolve_dtype
-from engine.presets import ModelConfig, RolloutConfig
+from engine.presets import HelperConfig, ModelConfig, RolloutConfig
 from engine.rollout.protocol import RolloutEngine
 
 GiB = float(1 << 30)
@@ -152,3 +155,55 @@ def build_engine(
     return VLLMEngine.from_pretrained(
         model_dir, dtype=dtype, max_model_len=rollout.max_model_len or max_model_len, seed=seed, **kw
     )
+
+
+def build_helper(
+    helper: HelperConfig,
+    rollout: RolloutConfig,
+    *,
+    policy_engine: Any,
+    model_dir: Path | None,
+    reference_model: Any,
+    tokenizer: Any,
+    dtype: str,
+    seed: int,
+    max_model_len: int,
+    notes: list[str] | None = None,
+) -> Any:
+    """The helper engine of `helper.kind` (see `engine.presets.HelperConfig`); every kind but
+    `policy` holds weights that no update touches."""
+    if helper.kind == "policy":
+        out, why = policy_engine, "the policy engine (helpers follow the trained weights)"
+    elif helper.kind == "reference":
+        if reference_model is None:
+            raise ValueError(
+                "--helper reference needs the trainer's frozen reference model, which exists only when kl_coef > 0; "
+                "set --kl-coef or choose --helper vllm|http|policy"
+            )
+        from engine.rollout.embedded import EmbeddedEngine
+
+        out, why = EmbeddedEngine(reference_model, tokenizer), "embedded engine on the frozen reference model"
+    elif helper.kind == "vllm":
+        path = Path(helper.path) if helper.path is not None else model_dir
+        if path is None:
+            raise ValueError(
+                "--helper vllm needs a base checkpoint directory: pass --helper-dir DIR (or --model DIR, whose "
+                "starting weights the helper then keeps)"
+            )
+        path = check_model_dir(str(path))
+        if not vllm_available():
+            raise RuntimeError("--helper vllm: vLLM is not installed here; use --helper reference|http|policy")
+        out = build_engine(
+            "vllm", rollout, model_dir=path, dtype=dtype, seed=seed, max_model_len=max_model_len, tokenizer=tokenizer
+        )
+        why = f"second vLLM engine on {path}"
+    elif helper.kind == "http":
+        from engine.rollout.http_engine import HTTPEngine
+
+        out = HTTPEngine.from_env(helper.url, helper.model, tokenizer, helper.api_key_env, helper.timeout_s)
+        why = f"OpenAI-compatible endpoint {helper.url} (model {out.model})"
+    else:
+        raise ValueError(f"unknown helper kind {helper.kind!r}")
+    if notes is not None:
+        notes.append(f"helper {helper.kind}: {why}")
+    return out

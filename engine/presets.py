@@ -3,9 +3,11 @@
     ModelConfig    which planner: the tiny model (built locally), or a Qwen2.5 architecture from a
                    local checkpoint directory or with random weights built on the device
     RolloutConfig  which rollout engine (auto | vllm | embedded) and its memory settings
+    HelperConfig   which frozen model serves every role but the planner (policy | vllm | reference | http)
     TaskConfig     where the queries come from, queries per step (B) and group size (G)
     AgentConfig    the four-agent loop (agentflow.runner)
     TrainerConfig  the Flow-GRPO update (engine.trainer)
+    AdvantageConfig  trajectory or turn grouping of the rewards (engine.advantage)
     RunConfig      all of the above plus steps, seed, run directory, checkpoint and probe cadence
 
 A preset is a function returning a `RunConfig` (`PRESETS`); `with_overrides` applies the command
@@ -23,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentflow.runner import AgentConfig
+from engine.advantage import AdvantageConfig
 from engine.model import MODEL_SHAPES
 from engine.tiny import TinyConfig
 from engine.trainer import TrainerConfig
 
 ENGINES = ("auto", "vllm", "embedded")
+HELPERS = ("policy", "vllm", "reference", "http")
 TOY_TOOLS = ("calculator", "python", "search")
 
 
@@ -71,6 +75,42 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class HelperConfig:
+    """The helper engine: query analysis, executor, verifier, generator, the base_generator tool and the
+    LLM judge run on it; only the planner runs on the trained policy (AgentFlow's premise).
+
+    policy     every role on the policy engine (the helpers follow the trained weights)
+    vllm       a second vLLM engine on `path` (None: the planner's starting checkpoint directory);
+               it is woken before each rollout and sleeps (level 1) for the update
+    reference  the embedded engine on the trainer's frozen reference model (needs kl_coef > 0):
+               the base weights, no extra memory
+    http       an OpenAI-compatible completions endpoint at `url` serving `model`, the API key read
+               from the environment variable `api_key_env` (None: no key)
+    """
+
+    kind: str = "policy"
+    path: str | None = None
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in HELPERS:
+            raise ValueError(f"helper must be one of {HELPERS}, got {self.kind!r}")
+        if self.kind == "http" and not self.url:
+            raise ValueError("--helper http needs --helper-url (an OpenAI-compatible server, e.g. http://host:8000/v1)")
+        if self.kind != "http" and (self.url or self.model or self.api_key_env):
+            raise ValueError(
+                f"--helper-url/--helper-model/--helper-api-key-env apply to --helper http, not {self.kind}"
+            )
+        if self.path is not None and self.kind != "vllm":
+            raise ValueError(f"--helper-dir applies to --helper vllm, not {self.kind}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"helper timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """Queries: a built-in task generated per step (seeded by run seed and step), or a JSONL file cycled."""
 
@@ -108,8 +148,15 @@ class RunConfig:
     keep_last: int = 2
     trace_step: int | None = None
     gap_probe_seqs: int = 4  # sequences re-scored before / sampled after each sync (0: no probe)
+    helper: HelperConfig = field(default_factory=HelperConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
 
     def __post_init__(self) -> None:
+        if self.helper.kind == "reference" and self.trainer.kl_coef == 0:
+            raise ValueError(
+                "--helper reference runs the helpers on the trainer's frozen reference model, which exists only "
+                "when kl_coef > 0; set --kl-coef (e.g. 0.001) or choose --helper vllm|http|policy"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 1 or self.keep_last < 1:
@@ -160,6 +207,8 @@ class RunConfig:
             "task     " + fields(self.task),
             "agent    " + fields(self.agent),
             "trainer  " + fields(self.trainer),
+            "helper   " + fields(self.helper),
+            "adv      " + fields(self.advantage),
         ]
 
 
@@ -282,6 +331,16 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "trace_step": ("", "trace_step"),
     "save_every": ("", "save_every"),
     "keep_last": ("", "keep_last"),
+    "helper": ("helper", "kind"),
+    "helper_dir": ("helper", "path"),
+    "helper_url": ("helper", "url"),
+    "helper_model": ("helper", "model"),
+    "helper_api_key_env": ("helper", "api_key_env"),
+    "judge": ("agent", "judge"),
+    "advantage": ("advantage", "grouping"),
+    "planner_format": ("agent", "planner_format"),
+    "mini_batches": ("trainer", "mini_batches"),
+    "weight_decay": ("trainer", "weight_decay"),
 }
 
 

@@ -61,6 +61,11 @@ MAY_BE_NULL = {
     "perf/max_memory_allocated_gb",
     "perf/max_memory_reserved_gb",
     "sleep/freed_bytes",
+    "helper/wake_s",
+    "helper/sleep_s",
+    "reward/judge_rule_matched",
+    "reward/judge_asked",
+    "reward/judge_unparsed",
 }
 
 
