@@ -18,6 +18,7 @@ Each builder appends what it decided to `notes` when given a list, so the run's 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,10 @@ def build_helper(
                 "starting weights the helper then keeps)"
             )
         path = check_model_dir(str(path))
+        # helper prompts (judge, analysis) are not bounded by the planner's context budget: the checkpoint's own
+        # context length, at most 32k (the KV cache size is set separately)
+        positions = json.loads((path / "config.json").read_text()).get("max_position_embeddings", max_model_len)
+        max_model_len = max(max_model_len, min(int(positions), 32768))
         if not vllm_available():
             raise RuntimeError("--helper vllm: vLLM is not installed here; use --helper reference|http|policy")
         out = build_engine(
