@@ -62,7 +62,15 @@ from agentflow.runner import RoleModels, RolloutResult, build_tools, run_traject
 from agentflow.tasks import load_jsonl, load_task
 from agentflow.tasks.query import Query
 from engine.advantage import group_advantages, train_sequences
-from engine.build import build_engine, build_helper, build_planner, build_tokenizer, choose_engine, planner_dir
+from engine.build import (
+    build_engine,
+    build_helper,
+    build_planner,
+    build_tokenizer,
+    check_recipe_fits,
+    choose_engine,
+    planner_dir,
+)
 from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
 from engine.device_memory import DeviceMemoryManager, HostOffloader, PhaseMemory, nvml
 from engine.fsio import atomic_write_bytes
@@ -102,6 +110,8 @@ class TrainLoop:
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
         self.model_dir = planner_dir(mc, self.run_dir, self.notes)
+        if config.preset == "agentflow":
+            check_recipe_fits(config, self.model_dir, self.device)
         self.engine_name, why = choose_engine(config.rollout.engine, self.model_dir)
         self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
         self.model = build_planner(mc, self.model_dir, self.tokenizer, self.device, config.seed, self.notes)

@@ -306,7 +306,64 @@ def qwen2_5_7b(run_dir: str = "runs/qwen2.5-7b") -> RunConfig:
     return _qwen("qwen2.5-7b", run_dir)
 
 
+def agentflow(run_dir: str = "runs/agentflow") -> RunConfig:
+    """AgentFlow's training recipe (lupantech/AgentFlow train/config.yaml, verl 0.5; README table): Qwen2.5-7B
+    (pass the Instruct checkpoint with --model DIR), 32 queries x G = 8, 3 planner turns, planner responses up
+    to 2048 tokens after prompts up to 18432, sampling temperature 0.7, lr 1e-6, AdamW weight decay 0.01,
+    grad-norm clip 1, k3 KL at 0.001, clip 0.2 / 0.3 with dual clip 3, token-mean, 4 mini-batches (mini-batch
+    of 8 queries), advantages over planner turns, AgentFlow's planner format, the LLM judge, every other role
+    on a frozen second vLLM engine on the starting checkpoint. `TrainLoop` refuses it, with the numbers, on a
+    device that cannot hold it (`engine.build.check_recipe_fits`)."""
+    agent = AgentConfig(
+        planner_format="agentflow",
+        max_turns=3,
+        planner_max_new_tokens=2048,
+        context_budget=18432 + 2048,
+        temperature=0.7,
+        tool_result_chars=4000,
+        judge="llm",
+        executor_max_new_tokens=512,
+        verifier_max_new_tokens=64,
+        generator_max_new_tokens=512,
+        base_generator_max_new_tokens=512,
+        analysis_max_new_tokens=1024,
+        judge_max_new_tokens=512,
+    )
+    trainer = TrainerConfig(
+        lr=1e-6,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        mini_batches=4,
+        kl_coef=0.001,
+        kl_type="k3",
+        clip_low=0.2,
+        clip_high=0.3,
+        clip_ratio_c=3.0,
+        loss_agg="token-mean",
+        entropy_coef=0.0,
+        temperature=0.7,
+        micro_batch_tokens=32768,
+        gradient_checkpointing=True,
+        loss_impl="fused",
+    )
+    return RunConfig(
+        preset="agentflow",
+        model=ModelConfig(arch="qwen2.5-7b", dtype="bfloat16"),
+        rollout=RolloutConfig(gpu_memory_utilization=0.6),
+        task=TaskConfig(name="arithmetic", queries_per_step=32, group_size=8),
+        agent=agent,
+        trainer=trainer,
+        steps=10,
+        run_dir=run_dir,
+        save_every=2,
+        keep_last=1,
+        helper=HelperConfig(kind="vllm"),
+        advantage=AdvantageConfig(grouping="turn"),
+    )
+
+
 PRESETS: dict[str, Callable[..., RunConfig]] = {
+    "agentflow": agentflow,
     "tiny": tiny,
     "toy": toy,
     "qwen2.5-1.5b": qwen2_5_1_5b,
