@@ -98,13 +98,16 @@ def test_reference_helper_needs_a_reference_model(tmp_path, toy_model_dir):
 
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 def test_a_second_vllm_engine_is_the_frozen_helper(tmp_path, toy_model_dir):
-    cfg = helped_toy(tmp_path / "run", toy_model_dir, HelperConfig(kind="vllm"), steps=2)
+    cfg = helped_toy(tmp_path / "run", toy_model_dir, HelperConfig(kind="vllm"), steps=1)
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, kv_cache_bytes=16 << 20))
     loop = TrainLoop(cfg)
     tok = loop.tokenizer
-    before = probe(loop.helper, tok)
+    before, planner_before = probe(loop.helper, tok), probe(loop.engine, tok)
     loop.run()
-    assert probe(loop.helper, tok) == before
+    with pytest.raises(RuntimeError, match="asleep; call wake"):  # the update left it asleep
+        probe(loop.helper, tok)
+    loop.helper.wake()
+    assert probe(loop.helper, tok) == before and probe(loop.engine, tok) != planner_before
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(r["helper"] == "vllm" and r["helper/wake_s"] >= 0 and r["helper/sleep_s"] >= 0 for r in rows)
     assert type(loop.helper).__name__ == "VLLMEngine" and loop.engine_name == "embedded"
