@@ -140,8 +140,7 @@ class TrainLoop:
             max_model_len=config.agent.context_budget,
             notes=self.notes,
         )
-        self.helper_sleeps = self.helper is not self.engine and hasattr(self.helper, "sleep")
-        self.helper_sleeps = self.helper_sleeps and config.helper.kind == "vllm"
+        self.helper_sleeps = config.helper.kind == "vllm"  # a second engine with its own device memory
         self.start_step, self.writer = self._restore(resume)
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
         self._queries_cache: list[Query] | None = None
