@@ -396,6 +396,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "judge": ("agent", "judge"),
     "advantage": ("advantage", "grouping"),
     "planner_format": ("agent", "planner_format"),
+    "planner_max_new_tokens": ("agent", "planner_max_new_tokens"),
+    "context_budget": ("agent", "context_budget"),
     "mini_batches": ("trainer", "mini_batches"),
     "weight_decay": ("trainer", "weight_decay"),
 }

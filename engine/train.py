@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--helper-api-key-env", help="--helper http: environment variable holding the API key")
     p.add_argument("--judge", choices=("rule", "llm"), help="reward: rule-based judge or the LLM judge on the helper")
     p.add_argument("--planner-format", choices=sorted(PLANNER_FORMATS), help="planner prompt and output format")
+    p.add_argument("--planner-max-new-tokens", type=int, help="planner response budget (AgentFlow: 2048)")
+    p.add_argument("--context-budget", type=int, help="prompt + response tokens of one engine call")
     p.add_argument("--advantage", choices=GROUPINGS, help="advantage grouping: per trajectory or per planner turn")
     p.add_argument("--mini-batches", type=int, help="optimizer steps per training step (mini-batches of the rollout)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
@@ -59,7 +61,7 @@ def config_from_args(args: argparse.Namespace):
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")
-    names += ("advantage", "mini_batches", "weight_decay")
+    names += ("advantage", "mini_batches", "weight_decay", "planner_max_new_tokens", "context_budget")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
     return with_overrides(cfg, **{n: getattr(args, n) for n in names})
 

@@ -121,10 +121,12 @@ def test_recipe_flags_reach_the_configuration():
     args = ["--preset", "tiny", "--helper", "http", "--helper-url", "http://127.0.0.1:8000/v1"]
     args += ["--helper-model", "qwen", "--helper-api-key-env", "KEY", "--judge", "llm", "--planner-format", "agentflow"]
     args += ["--advantage", "turn", "--mini-batches", "4", "--weight-decay", "0.01"]
+    args += ["--planner-max-new-tokens", "2048", "--context-budget", "4096"]
     cfg = config_from_args(p.parse_args(args))
     assert dataclasses.astuple(cfg.helper)[:5] == ("http", None, "http://127.0.0.1:8000/v1", "qwen", "KEY")
     assert (cfg.agent.judge, cfg.agent.planner_format, cfg.advantage.grouping) == ("llm", "agentflow", "turn")
     assert (cfg.trainer.mini_batches, cfg.trainer.weight_decay) == (4, 0.01)
+    assert (cfg.agent.planner_max_new_tokens, cfg.agent.context_budget) == (2048, 4096)
     cfg = config_from_args(p.parse_args(["--preset", "tiny", "--helper", "reference"]))
     assert cfg.helper.kind == "reference" and cfg.trainer.kl_coef > 0
     with pytest.raises(ValueError, match="exists only when kl_coef > 0"):
