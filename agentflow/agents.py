@@ -11,6 +11,20 @@ and, after stripping surrounding whitespace, its first line is `Tool: NAME` with
 of the offered tool names and its second line starts `Sub-goal:` followed by non-empty text.
 Anything else is an invalid action: recorded as a turn with the reason, never an exception.
 
+A third planner format, "agentflow", is AgentFlow's (arXiv 2510.05592; `AgentFlowFormat`), so
+that AgentFlow's released planner sees the prompt structure it was trained on and a planner trained
+here can be used there. Before the first turn the helper writes a query analysis (one batched call
+per step for the distinct queries: the helper decodes greedily, so the G trajectories of a query
+would get the same text). The planner's prompt is one user message with the query, that analysis,
+the tool names, the tool metadata and the previous steps as AgentFlow's memory
+(`{'Action Step k': {'tool_name', 'sub_goal', 'command', 'result'}}`); its reply is free text
+that ends with `Context:`, `Sub-Goal:` and `Tool Name:` sections after a `Justification:`. Parsed
+tolerantly as AgentFlow does: a JSON object with those keys is accepted, `**` markup is dropped,
+labels match case-insensitively, the last complete block wins, the response need not end with a
+stop token, and the tool name is normalised (case, spaces/underscores/hyphens, a trailing `_Tool`,
+AgentFlow's tool names such as `Python_Coder_Tool` or `Wikipedia_Search_Tool`). The executor gets
+the sub-goal with the context.
+
 A second planner format, "tool_token" (`AgentConfig.planner_format`), is for training a small
 planner from scratch (the `toy` preset): every tool name is one token of the tokenizer, the planner
 is sampled under constrained decoding over the tool tokens and the end-of-turn token(s)
@@ -35,6 +49,7 @@ Variants (chosen by `AgentConfig.executor/verifier/generator`; "llm" is the defa
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +69,12 @@ class PlannerAction:
     tool: str = ""
     sub_goal: str = ""
     error: str = ""
+    context: str = ""  # AgentFlow's Context section (planner_format "agentflow"), "" otherwise
+
+    @property
+    def task(self) -> str:
+        """What the executor is asked to do: the sub-goal, with the planner's context when it gave one."""
+        return f"{self.sub_goal}\nContext: {self.context}" if self.context else self.sub_goal
 
 
 def tool_token_ids(tokenizer: Any, tool_names: Sequence[str]) -> dict[int, str]:
@@ -104,6 +125,64 @@ def parse_planner(text: str, finish_reason: str, tool_names: Sequence[str]) -> P
     if not sub_goal:
         return PlannerAction(False, tool=tool, error="empty sub-goal")
     return PlannerAction(True, tool=tool, sub_goal=sub_goal)
+
+
+def _canonical(name: str) -> str:
+    return "_".join(p.lower() for p in re.split(r"[\s_\-]+", name.strip().strip("`*'\".:")) if p)
+
+
+# AgentFlow's tool names (canonical, without the `_tool` suffix) -> ours
+AGENTFLOW_TOOL_ALIASES = {
+    "python_coder": "python",
+    "google_search": "search",
+    "wikipedia_search": "search",
+    "web_search": "search",
+    "base_generator": "base_generator",
+    "generalist_solution_generator": "base_generator",
+}
+
+
+def normalize_tool_name(name: str, tool_names: Sequence[str]) -> str | None:
+    """The offered tool `name` means (case, separators, a trailing `_Tool` and AgentFlow's names ignored), or None."""
+    c = _canonical(name)
+    for stem in (c, c.removesuffix("_tool")):
+        for t in tool_names:
+            if _canonical(t) == stem:
+                return t
+    alias = AGENTFLOW_TOOL_ALIASES.get(c.removesuffix("_tool"))
+    return alias if alias in tool_names else None
+
+
+_NEXT_STEP = re.compile(r"context\s*:\s*(.*?)sub[\s_-]*goal\s*:\s*(.*?)tool[\s_-]*name\s*:\s*([^\n]*)", re.I | re.S)
+
+
+def parse_agentflow_step(text: str, tool_names: Sequence[str]) -> PlannerAction:
+    """Parse AgentFlow's next-step output (see the module docstring); never raises."""
+    fields: tuple[str, str, str] | None = None
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            d = json.loads(stripped)
+            fields = (str(d["context"]), str(d["sub_goal"]), str(d["tool_name"]))
+        except (ValueError, KeyError, TypeError):
+            fields = None
+    if fields is None:
+        matches = _NEXT_STEP.findall(text.replace("**", ""))
+        if not matches:
+            return PlannerAction(False, error="no 'Context: ... Sub-Goal: ... Tool Name: ...' block in the output")
+        fields = matches[-1]
+    context, sub_goal, raw_tool = (f.strip().strip("`").strip() for f in fields)
+    tool = normalize_tool_name(raw_tool, tool_names)
+    if tool is None:
+        return PlannerAction(
+            False,
+            tool=raw_tool[:40],
+            sub_goal=sub_goal,
+            error=f"unknown tool {raw_tool[:40]!r}; choose one of {', '.join(tool_names)}",
+        )
+    if not sub_goal:
+        return PlannerAction(False, tool=tool, error="empty sub-goal")
+    return PlannerAction(True, tool=tool, sub_goal=sub_goal, context=context)
 
 
 _VERDICT = re.compile(r"\b(STOP|CONTINUE)\b", re.I)
@@ -209,6 +288,7 @@ class TextFormat:
     """`Tool: NAME` / `Sub-goal: ...` lines, sampled over the whole vocabulary."""
 
     system = PLANNER_SYSTEM
+    needs_analysis = False
 
     def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
         self.tool_names = list(tool_names)
@@ -223,6 +303,7 @@ class ToolTokenFormat:
     """One tool token, sampled under constrained decoding over the tool tokens and end-of-turn ids."""
 
     system = PLANNER_TOOL_TOKEN_SYSTEM
+    needs_analysis = False
 
     def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
         self.tool_tokens = tool_token_ids(tokenizer, tool_names)
@@ -233,9 +314,69 @@ class ToolTokenFormat:
         return parse_tool_token(generation.token_ids, self.tool_tokens, self.stop, memory.query)
 
 
-PLANNER_FORMATS: dict[str, type[TextFormat] | type[ToolTokenFormat]] = {
+AGENTFLOW_SYSTEM = "You are the planner of a tool-using agent; you plan one tool call at a time."
+ANALYSIS_SYSTEM = "You are the query analyst of a tool-using agent."
+
+AGENTFLOW_NEXT_STEP = """Task: Decide the best next step for answering the query with the available tools, given the steps taken so far.
+
+Context:
+- **Query:** {query}
+- **Query Analysis:** {analysis}
+- **Available Tools:** {tools}
+- **Toolbox Metadata:** {metadata}
+- **Previous Steps:** {actions}
+
+Instructions:
+1. Read the query, its analysis, the previous steps and the tools.
+2. Pick the **single tool** that best advances the answer now.
+3. Give that tool a concrete, achievable **sub-goal**.
+4. Put every piece of information the tool needs (numbers, names, earlier results) into the **context**.
+
+Response Format:
+1.  **Justification:** Why this tool and this sub-goal.
+2.  **Context:** Everything the tool needs.
+3.  **Sub-Goal:** The tool's specific objective.
+4.  **Tool Name:** The exact name of one available tool.
+
+Rules:
+- Choose exactly ONE tool.
+- The tool must be able to achieve the sub-goal on its own.
+- End with the Context, Sub-Goal and Tool Name sections, in that order, and nothing after them."""
+
+
+def tool_metadata(tools: Sequence[Tool]) -> dict[str, dict[str, str]]:
+    return {t.name: {"tool_description": t.description, "input_format": t.command_format} for t in tools}
+
+
+class AgentFlowFormat:
+    """AgentFlow's planner prompt and next-step output (module docstring), over the whole vocabulary."""
+
+    system = AGENTFLOW_SYSTEM
+    needs_analysis = True
+
+    def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
+        self.tool_names = list(tool_names)
+        self.tool_tokens: dict[int, str] = {}
+        self.allowed_token_ids: tuple[int, ...] | None = None
+
+    def messages(self, system: str, memory: Memory, tools: Sequence[Tool]) -> Messages:
+        user = AGENTFLOW_NEXT_STEP.format(
+            query=memory.query,
+            analysis=memory.analysis,
+            tools=[t.name for t in tools],
+            metadata=tool_metadata(tools),
+            actions=memory.actions(),
+        )
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+    def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
+        return parse_agentflow_step(generation.text, self.tool_names)
+
+
+PLANNER_FORMATS: dict[str, type[TextFormat] | type[ToolTokenFormat] | type[AgentFlowFormat]] = {
     "text": TextFormat,
     "tool_token": ToolTokenFormat,
+    "agentflow": AgentFlowFormat,
 }
 
 
@@ -268,7 +409,13 @@ class Planner:
     def parse(self, generation: Generation, memory: Memory) -> PlannerAction:
         return self.format.parse(generation, memory)
 
+    @property
+    def needs_analysis(self) -> bool:
+        return self.format.needs_analysis
+
     def messages(self, memory: Memory) -> Messages:
+        if isinstance(self.format, AgentFlowFormat):
+            return self.format.messages(self.system, memory, self.tools)
         return [{"role": "system", "content": self.system}, {"role": "user", "content": memory.render()}]
 
     def prompt_ids(self, memory: Memory) -> list[int]:
@@ -302,6 +449,43 @@ class LLMRole:
             for i, g in zip(todo, gens):
                 replies[i] = g.text
         return replies
+
+
+ANALYSIS_PROMPT = """Task: Analyse the query to find the skills and tools it needs.
+
+Inputs:
+- Query: {query}
+- Available tools: {tools}
+- Metadata for tools: {metadata}
+
+Instructions:
+1. State the main objective of the query.
+2. List the skills and the tools needed.
+3. Say for each skill and tool how it helps answer the query.
+4. Note anything else to watch out for.
+
+Keep it brief and precise."""
+
+
+class QueryAnalyzer(LLMRole):
+    """AgentFlow's query analysis on the helper model: one batched greedy call for the distinct queries."""
+
+    system = ANALYSIS_SYSTEM
+
+    def __init__(self, caller: Caller, budget: int, max_new_tokens: int, tools: Sequence[Tool]) -> None:
+        super().__init__(caller, budget, max_new_tokens)
+        self.tools = list(tools)
+
+    def analyze(self, queries: Sequence[str], seed: int | None) -> dict[str, str]:
+        """{query: analysis} for the distinct queries ("" where the prompt does not fit the budget)."""
+        distinct = list(dict.fromkeys(queries))
+        names, meta = [t.name for t in self.tools], tool_metadata(self.tools)
+
+        def user(q: str) -> Callable[[int], str]:
+            return lambda skip: ANALYSIS_PROMPT.format(query=q, tools=names, metadata=meta)
+
+        replies = self.ask([(user(q), 0) for q in distinct], seed)
+        return {q: (r or "").strip() for q, r in zip(distinct, replies)}
 
 
 EXECUTOR_SYSTEM = (

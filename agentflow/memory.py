@@ -29,6 +29,7 @@ class Memory:
     query: str
     steps: list[Step] = field(default_factory=list)
     final_output: str | None = None  # the generator's raw text
+    analysis: str = ""  # the helper's query analysis (planner_format "agentflow"), "" when none was made
 
     def render(self, skip: int = 0) -> str:
         """`Query: ...` then one block per step; the first `skip` steps are replaced by a note."""
@@ -45,9 +46,35 @@ class Memory:
                 lines.append(f"Verdict: {s.verdict}")
         return "\n".join(lines)
 
+    def actions(self) -> dict[str, dict[str, str]]:
+        """AgentFlow's memory: `{"Action Step k": {tool_name, sub_goal, command, result}}` in step order
+        (an invalid planner output is a step whose tool_name says why, as AgentFlow records an unmatched tool)."""
+        out: dict[str, dict[str, str]] = {}
+        for k, s in enumerate(self.steps, 1):
+            if s.valid:
+                out[f"Action Step {k}"] = {
+                    "tool_name": s.tool,
+                    "sub_goal": s.sub_goal,
+                    "command": s.command,
+                    "result": s.result,
+                }
+            else:
+                out[f"Action Step {k}"] = {
+                    "tool_name": f"No matched tool given: {s.tool}" if s.tool else "No tool given",
+                    "sub_goal": s.sub_goal,
+                    "command": "No command was generated because the planner output was invalid.",
+                    "result": f"Invalid planner output: {s.error}",
+                }
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Memory:
-        return cls(query=d["query"], steps=[Step(**s) for s in d.get("steps", [])], final_output=d.get("final_output"))
+        return cls(
+            query=d["query"],
+            steps=[Step(**s) for s in d.get("steps", [])],
+            final_output=d.get("final_output"),
+            analysis=d.get("analysis", ""),
+        )

@@ -19,9 +19,11 @@ When no trajectory is live, the generator writes every final answer in one batch
 judge scores them (rule-based per query, or one batched LLM-judge call). So a group costs a few
 batched calls per loop step, not one call per trajectory.
 
-Models (`RoleModels`): the planner's is the trained policy. Executor, verifier, generator, the
-base_generator tool and the LLM judge use the planner's model unless `RoleModels` names others;
-their calls are never training data. Sampling seeds derive from `seed`, the loop step and the
+Models (`RoleModels`): the planner's is the trained policy. Query analysis, executor, verifier,
+generator, the base_generator tool and the LLM judge use the planner's model unless `RoleModels`
+names others (`RoleModels.helped(planner, helper)`: all of them on one frozen helper); their calls
+are never training data. The planner format "agentflow" first asks the analysis model for one
+query analysis per distinct query (span `analysis`). Sampling seeds derive from `seed`, the loop step and the
 role, so a run with a fixed seed on a deterministic model is reproducible. Time goes to the
 caller's `Timer`: each role is a span, the judge is the `reward` phase.
 """
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentflow.agents import EXECUTORS, GENERATORS, PLANNER_FORMATS, VERIFIERS, Caller, Planner
+from agentflow.agents import EXECUTORS, GENERATORS, PLANNER_FORMATS, VERIFIERS, Caller, Planner, QueryAnalyzer
 from agentflow.lm import LanguageModel
 from agentflow.memory import Memory, Step
 from agentflow.tasks.judges import LLMJudge, RuleJudge
@@ -43,7 +45,9 @@ from agentflow.tools import TOOL_NAMES, BaseGenerator, Calculator, PythonTool, S
 from agentflow.tools.base import run_tool_calls, truncate
 from agentflow.trajectory import Trajectory, Turn
 
-ROLES = ("planner", "executor", "tools", "verifier", "generator")  # the timer spans of one rollout
+ROLES = ("analysis", "planner", "executor", "tools", "verifier", "generator")  # the timer spans of one rollout
+# the model calls counted per role in RolloutResult.counters (<role>_calls, _prompts, _prompt_tokens, _response_tokens)
+MODEL_ROLES = ("planner", "analysis", "executor", "verifier", "generator", "base_generator", "judge")
 AGENT_MODES = tuple(EXECUTORS)
 
 
@@ -68,6 +72,8 @@ class AgentConfig:
     verifier_max_new_tokens: int = 8
     generator_max_new_tokens: int = 64
     base_generator_max_new_tokens: int = 128
+    analysis_max_new_tokens: int = 256  # query analysis (planner_format "agentflow")
+    judge_max_new_tokens: int = 256  # the LLM judge's analysis + verdict
     tool_timeout_s: float = 30.0  # wall-clock bound on one local tool call (python has its own limits)
     tool_workers: int = 8
     search_top_k: int = 3
@@ -99,19 +105,25 @@ class RoleModels:
     """Which language model serves which role; roles left None use the planner's model."""
 
     planner: LanguageModel
+    analysis: LanguageModel | None = None
     executor: LanguageModel | None = None
     verifier: LanguageModel | None = None
     generator: LanguageModel | None = None
     judge: LanguageModel | None = None
 
     def __post_init__(self) -> None:
-        for role in ("planner", "executor", "verifier", "generator", "judge"):
+        for role in ("planner", "analysis", "executor", "verifier", "generator", "judge"):
             m = getattr(self, role)
             if m is not None and not isinstance(m, LanguageModel):
                 raise TypeError(f"model for {role} does not implement LanguageModel: {type(m).__name__}")
 
     def of(self, role: str) -> LanguageModel:
         return getattr(self, role) or self.planner
+
+    @classmethod
+    def helped(cls, planner: LanguageModel, helper: LanguageModel) -> RoleModels:
+        """The planner on `planner`, every other role (and the base_generator tool) on `helper`."""
+        return cls(planner, analysis=helper, executor=helper, verifier=helper, generator=helper, judge=helper)
 
 
 @dataclass
@@ -181,7 +193,9 @@ def run_trajectories(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     counters: dict[str, float] = {}
-    tools = list(tools) if tools is not None else build_tools(config, models.of("executor"))
+    if tools is None:
+        tools = build_tools(config, Caller(models.of("executor"), "base_generator", counters))
+    tools = list(tools)
     by_name = {t.name: t for t in tools}
     budget = config.context_budget
 
@@ -192,7 +206,12 @@ def run_trajectories(
     executor = role("executor", EXECUTORS, config.executor, config.executor_max_new_tokens)
     verifier = role("verifier", VERIFIERS, config.verifier, config.verifier_max_new_tokens)
     generator = role("generator", GENERATORS, config.generator, config.generator_max_new_tokens)
-    judge = LLMJudge(Caller(models.of("judge"), "judge", counters)) if config.judge == "llm" else RuleJudge()
+    if config.judge == "llm":
+        judge: LLMJudge | RuleJudge = LLMJudge(
+            Caller(models.of("judge"), "judge", counters), config.judge_max_new_tokens, counters=counters
+        )
+    else:
+        judge = RuleJudge()
     planner_sampling = dict(
         temperature=config.temperature,
         top_p=config.top_p,
@@ -207,6 +226,14 @@ def run_trajectories(
     ]
     live = list(states)
     step = 0
+    if planner.needs_analysis:
+        with timer.span("analysis"):
+            analyzer = QueryAnalyzer(
+                Caller(models.of("analysis"), "analysis", counters), budget, config.analysis_max_new_tokens, tools
+            )
+            analyses = analyzer.analyze([q.question for q in queries], _seed(seed, 0, 4))
+            for s in states:
+                s.memory.analysis = analyses[s.query.question]
     with cf.ThreadPoolExecutor(max_workers=config.tool_workers) as pool:
         while live:
             step += 1
@@ -242,7 +269,7 @@ def run_trajectories(
             with timer.span("executor"):
                 valid = [(s, turn, a) for s, turn, a in acted if a.valid]
                 commands = executor.commands(
-                    [(s.memory, by_name[a.tool], a.sub_goal) for s, _, a in valid], _seed(seed, step, 1)
+                    [(s.memory, by_name[a.tool], a.task) for s, _, a in valid], _seed(seed, step, 1)
                 )
 
             # 3. tools: every call of this step together
@@ -263,7 +290,7 @@ def run_trajectories(
                 for s, turn, a in acted:
                     if not a.valid:
                         turn.tool_result = f"invalid planner output: {a.error}"
-                        s.memory.steps.append(Step(False, error=a.error))
+                        s.memory.steps.append(Step(False, a.sub_goal, a.tool, error=a.error))
 
             # 4. verifier, or the turn limit
             with timer.span("verifier"):

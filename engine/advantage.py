@@ -2,11 +2,23 @@
 
 For the G trajectories of one query (a group), trajectory i gets
 
-    A_i = (R_i − mean_G R) / (std_G R + eps),   eps = 1e-6, std unbiased (torch.std's default, as verl)
+    A_i = (R_i − mean R) / (std R + eps),   eps = 1e-6, std unbiased (torch.std's default, as verl)
 
-computed in float64. A group of one has no baseline and gets A = 0; a group whose rewards are all
-equal (zero variance) gets A = 0 exactly, never NaN, and is counted in `num_zero_var_groups`:
-with no KL or entropy term those trajectories contribute no gradient. The advantage of a
+computed in float64, where mean and std run over (`AdvantageConfig.grouping`):
+
+- "trajectory": the G rewards of the group, one per trajectory (the paper's formula);
+- "turn": the rewards of every planner turn of the group's trajectories, each turn carrying its
+  trajectory's reward (AgentFlow's code: verl's GRPO estimator sees one sample per turn, grouped by
+  query), so a trajectory with more turns weighs more in the baseline. Rewards {1 with 1 turn,
+  0 with 3 turns}: turn grouping gives A = +1.5 / −0.5, trajectory grouping ±0.707. A trajectory
+  with no turn (out of context before its first) is not a sample here.
+
+A group of one sample (one trajectory; under "turn" grouping, one turn) has no baseline and gets
+A = 0, counted in `num_singleton_groups`. verl instead takes mean 0 and std 1 there, giving A = R:
+a lone success would be pushed up and a lone failure left alone, which GRPO's comparison within a
+group does not justify; the task configuration refuses G < 2 anyway. A group whose samples all have
+equal rewards (zero variance) gets A = 0 exactly, never NaN, and is counted in
+`num_zero_var_groups`: with no KL or entropy term those trajectories contribute no gradient. The advantage of a
 trajectory is the same for every planner token of every one of its turns (Flow-GRPO's broadcast);
 `train_sequences` builds those turns into `TrainSequence`s.
 """
@@ -23,6 +35,21 @@ import torch
 from engine.packing import TrainSequence
 
 EPS = 1e-6
+GROUPINGS = ("trajectory", "turn")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """How rewards become advantages (module doc)."""
+
+    grouping: str = "trajectory"
+    eps: float = EPS
+
+    def __post_init__(self) -> None:
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"advantage grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if not self.eps > 0:
+            raise ValueError(f"advantage eps must be > 0, got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -40,9 +67,16 @@ class AdvantageStats:
 
 
 def group_advantages(
-    rewards: Sequence[float] | torch.Tensor, group_ids: Sequence[Hashable], *, eps: float = EPS
+    rewards: Sequence[float] | torch.Tensor,
+    group_ids: Sequence[Hashable],
+    *,
+    eps: float = EPS,
+    turns: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, AdvantageStats]:
-    """Per-trajectory advantages (float32 [n]) and group statistics; `group_ids[i]` names trajectory i's query."""
+    """Per-trajectory advantages (float32 [n]) and group statistics; `group_ids[i]` names trajectory i's query.
+
+    `turns[i]`: trajectory i's number of planner turns, for "turn" grouping (each trajectory counts
+    as that many samples); None is "trajectory" grouping (each counts once)."""
     r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
     n = r.numel()
     if n == 0:
@@ -54,6 +88,8 @@ def group_advantages(
         raise ValueError(
             f"non-finite reward for trajectories {bad[:8]}: the reward function must return finite numbers"
         )
+    if turns is not None and (len(turns) != n or any(int(k) < 0 for k in turns)):
+        raise ValueError(f"turns must give a count >= 0 for each of the {n} trajectories, got {list(turns)[:8]}")
     groups: dict[Hashable, list[int]] = {}
     for i, g in enumerate(group_ids):
         groups.setdefault(g, []).append(i)
@@ -61,14 +97,17 @@ def group_advantages(
     zero_var = singleton = 0
     for members in groups.values():
         idx = torch.tensor(members)
-        x = r[idx]
-        if len(members) == 1:
+        counts = (
+            torch.ones(len(members), dtype=torch.long) if turns is None else torch.tensor([turns[i] for i in members])
+        )
+        x = torch.repeat_interleave(r[idx], counts)  # one sample per trajectory, or per planner turn
+        if x.numel() <= 1:
             singleton += 1
             continue
         if bool((x == x[0]).all()):
             zero_var += 1
             continue
-        adv[idx] = (x - x.mean()) / (x.std() + eps)
+        adv[idx] = (r[idx] - x.mean()) / (x.std() + eps)
     stats = AdvantageStats(
         num_trajectories=n,
         num_groups=len(groups),

@@ -8,6 +8,10 @@
     choose_engine    which rollout engine: vLLM when asked, or when importable and there is a directory
     build_engine     the engine itself: vLLM from the directory, or the embedded engine that samples
                      from a given model object (the trainer's, so no sync is needed) or loads one
+    check_recipe_fits  refuse, with the numbers, a run whose training or rollout phase cannot fit the device
+    build_helper     the frozen helper engine of every role but the planner (`HelperConfig`): the
+                     policy engine itself, a second vLLM engine on a base checkpoint, the embedded
+                     engine on the trainer's frozen reference model, or an OpenAI-compatible endpoint
 
 Each builder appends what it decided to `notes` when given a list, so the run's header says it.
 """
@@ -15,6 +19,7 @@ Each builder appends what it decided to `notes` when given a list, so the run's 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.model import build_random_model, check_model_dir, load_planner, num_parameters, preset_config, resolve_dtype
-from engine.presets import ModelConfig, RolloutConfig
+from engine.presets import HelperConfig, ModelConfig, RolloutConfig, RunConfig
 from engine.rollout.protocol import RolloutEngine
 
 GiB = float(1 << 30)
@@ -99,6 +104,50 @@ def build_planner(
     return planner
 
 
+def device_free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def recipe_bytes(config: RunConfig, model_dir: Path | None) -> dict[str, int]:
+    """Bytes the run needs on its device, by part, at the peak of each phase (KV cache and activations not
+    counted): training holds weights, gradients and AdamW's two moments (all in the model dtype) and the
+    reference copy; the rollout holds the weights, the reference, a vLLM policy engine's copy and a vLLM
+    helper's weights (the helper sleeps during training, its weights in host memory)."""
+    mc = config.model
+    if model_dir is not None:
+        from transformers import AutoConfig
+
+        arch = AutoConfig.from_pretrained(model_dir)
+    else:
+        arch = preset_config(mc.arch)
+        for k, v in mc.arch_overrides.items():
+            setattr(arch, k, v)
+    n = num_parameters(build_random_model(arch, dtype=mc.dtype, device="meta"))
+    w = n * resolve_dtype(mc.dtype).itemsize
+    ref = w if config.trainer.kl_coef > 0 else 0
+    engine = w if config.rollout.engine == "vllm" else 0
+    helper = w if config.helper.kind == "vllm" else 0
+    return {"params": n, "train": 4 * w + ref, "rollout": w + ref + engine + helper}
+
+
+def check_recipe_fits(config: RunConfig, model_dir: Path | None, device: torch.device) -> None:
+    """Refuse (one line, with the numbers) a run whose training or rollout phase does not fit `device`."""
+    need = recipe_bytes(config, model_dir)
+    free = device_free_bytes(device)
+    peak = max(need["train"], need["rollout"])
+    if peak > free:
+        n = need["params"]
+        raise ValueError(
+            f"preset {config.preset}: {n / 1e9:.2f}B parameters in {config.model.dtype} need about "
+            f"{need['train'] / GiB:.1f} GiB to train (weights, gradients, AdamW, reference) and "
+            f"{need['rollout'] / GiB:.1f} GiB in the rollout (weights, reference, engine and helper copies), "
+            f"before KV cache and activations, but {device} has {free / GiB:.1f} GiB free; run it on a larger "
+            f"device (one H200 holds it) or shrink it (--helper reference, --kl-coef 0, a smaller --model)"
+        )
+
+
 def choose_engine(want: str, model_dir: Path | None) -> tuple[str, str]:
     """(engine kind, why) for `want` in auto | vllm | embedded."""
     if want == "vllm":
@@ -152,3 +201,59 @@ def build_engine(
     return VLLMEngine.from_pretrained(
         model_dir, dtype=dtype, max_model_len=rollout.max_model_len or max_model_len, seed=seed, **kw
     )
+
+
+def build_helper(
+    helper: HelperConfig,
+    rollout: RolloutConfig,
+    *,
+    policy_engine: Any,
+    model_dir: Path | None,
+    reference_model: Any,
+    tokenizer: Any,
+    dtype: str,
+    seed: int,
+    max_model_len: int,
+    notes: list[str] | None = None,
+) -> Any:
+    """The helper engine of `helper.kind` (see `engine.presets.HelperConfig`); every kind but
+    `policy` holds weights that no update touches."""
+    if helper.kind == "policy":
+        out, why = policy_engine, "the policy engine (helpers follow the trained weights)"
+    elif helper.kind == "reference":
+        if reference_model is None:
+            raise ValueError(
+                "--helper reference needs the trainer's frozen reference model, which exists only when kl_coef > 0; "
+                "set --kl-coef or choose --helper vllm|http|policy"
+            )
+        from engine.rollout.embedded import EmbeddedEngine
+
+        out, why = EmbeddedEngine(reference_model, tokenizer), "embedded engine on the frozen reference model"
+    elif helper.kind == "vllm":
+        path = Path(helper.path) if helper.path is not None else model_dir
+        if path is None:
+            raise ValueError(
+                "--helper vllm needs a base checkpoint directory: pass --helper-dir DIR (or --model DIR, whose "
+                "starting weights the helper then keeps)"
+            )
+        path = check_model_dir(str(path))
+        # helper prompts (judge, analysis) are not bounded by the planner's context budget: the checkpoint's own
+        # context length, at most 32k (the KV cache size is set separately)
+        positions = json.loads((path / "config.json").read_text()).get("max_position_embeddings", max_model_len)
+        max_model_len = max(max_model_len, min(int(positions), 32768))
+        if not vllm_available():
+            raise RuntimeError("--helper vllm: vLLM is not installed here; use --helper reference|http|policy")
+        out = build_engine(
+            "vllm", rollout, model_dir=path, dtype=dtype, seed=seed, max_model_len=max_model_len, tokenizer=tokenizer
+        )
+        why = f"second vLLM engine on {path}"
+    elif helper.kind == "http":
+        from engine.rollout.http_engine import HTTPEngine
+
+        out = HTTPEngine.from_env(helper.url, helper.model, tokenizer, helper.api_key_env, helper.timeout_s)
+        why = f"OpenAI-compatible endpoint {helper.url} (model {out.model})"
+    else:
+        raise ValueError(f"unknown helper kind {helper.kind!r}")
+    if notes is not None:
+        notes.append(f"helper {helper.kind}: {why}")
+    return out

@@ -34,8 +34,15 @@ kill between the checkpoint and the metrics line loses nothing. `resume` loads t
 checkpoint (weights, optimizer, RNG), drops metrics lines of later steps and continues at the next
 step with the same per-step seeds; a SIGKILLed run loses at most the steps since its last checkpoint.
 
-Simplifications: one device; every agent role uses the planner's engine (the executor, verifier and
-generator therefore follow the trained weights; AgentFlow keeps them frozen).
+Helpers (`HelperConfig`, built by `engine.build.build_helper` after the trainer, since the
+"reference" helper is the trainer's frozen reference model): with "policy" every role runs on the
+policy engine and follows the trained weights; with any other kind the query analysis, executor,
+verifier, generator, base_generator tool and LLM judge run on weights no update touches, and only
+the planner's calls are trained (AgentFlow's setting). A helper that can sleep (a second vLLM
+engine) is woken at the start of `gen` and sleeps (level 1: weights kept in host memory) at the
+start of `sleep`; the seconds are `helper/wake_s` and `helper/sleep_s`.
+
+Simplifications: one device.
 """
 
 from __future__ import annotations
@@ -55,7 +62,15 @@ from agentflow.runner import RoleModels, RolloutResult, build_tools, run_traject
 from agentflow.tasks import load_jsonl, load_task
 from agentflow.tasks.query import Query
 from engine.advantage import group_advantages, train_sequences
-from engine.build import build_engine, build_planner, build_tokenizer, choose_engine, planner_dir
+from engine.build import (
+    build_engine,
+    build_helper,
+    build_planner,
+    build_tokenizer,
+    check_recipe_fits,
+    choose_engine,
+    planner_dir,
+)
 from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
 from engine.device_memory import DeviceMemoryManager, HostOffloader, PhaseMemory, nvml
 from engine.fsio import atomic_write_bytes
@@ -95,6 +110,8 @@ class TrainLoop:
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
         self.model_dir = planner_dir(mc, self.run_dir, self.notes)
+        if config.preset == "agentflow":
+            check_recipe_fits(config, self.model_dir, self.device)
         self.engine_name, why = choose_engine(config.rollout.engine, self.model_dir)
         self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
         self.model = build_planner(mc, self.model_dir, self.tokenizer, self.device, config.seed, self.notes)
@@ -111,6 +128,19 @@ class TrainLoop:
         )
         self.config = self._resolve(config)
         self.trainer, self.memory = self._build_trainer()
+        self.helper = build_helper(
+            config.helper,
+            config.rollout,
+            policy_engine=self.engine,
+            model_dir=self.model_dir,
+            reference_model=self.trainer.ref_model,
+            tokenizer=self.tokenizer,
+            dtype=mc.dtype,
+            seed=config.seed,
+            max_model_len=config.agent.context_budget,
+            notes=self.notes,
+        )
+        self.helper_sleeps = config.helper.kind == "vllm"  # a second engine with its own device memory
         self.start_step, self.writer = self._restore(resume)
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
         self._queries_cache: list[Query] | None = None
@@ -256,9 +286,14 @@ class TrainLoop:
         with timer.phase("step"):
             queries = self.queries(step)
             stats_before = self.engine.stats()
+            helper_s: dict[str, float | None] = {"wake_s": None, "sleep_s": None}
             with timer.phase("gen"), self.memory.phase("rollout"):
+                if self.helper_sleeps:
+                    t0 = time.perf_counter()
+                    self.helper.wake()
+                    helper_s["wake_s"] = time.perf_counter() - t0
                 result = run_trajectories(
-                    RoleModels(planner=self.engine),
+                    self.role_models(),
                     queries,
                     cfg.task.group_size,
                     cfg.agent,
@@ -269,6 +304,10 @@ class TrainLoop:
             with timer.phase("adv"):
                 seqs, adv_metrics = self._sequences(result, queries)
             with timer.phase("sleep"):
+                if self.helper_sleeps:
+                    t0 = time.perf_counter()
+                    self.helper.sleep(1)
+                    helper_s["sleep_s"] = time.perf_counter() - t0
                 to_train = self.memory.to_train(timer)
             with self.memory.phase("train"):
                 train = self.trainer.update(seqs, timer=timer)
@@ -285,6 +324,8 @@ class TrainLoop:
                     rollout=result,
                     group_size=cfg.task.group_size,
                     engine_name=self.engine_name,
+                    helper=cfg.helper.kind,
+                    helper_seconds=helper_s,
                     engine_stats=(stats_before, stats_after),
                     advantages=adv_metrics,
                     train=train,
@@ -309,6 +350,12 @@ class TrainLoop:
         self.reporter.step_done(step, metrics)
         return metrics
 
+    def role_models(self) -> RoleModels:
+        """The planner on the policy engine; every other role on the helper (the same engine for "policy")."""
+        if self.helper is self.engine:
+            return RoleModels(planner=self.engine)
+        return RoleModels.helped(self.engine, self.helper)
+
     def _sequences(self, result: RolloutResult, queries: list[Query]) -> tuple[list[TrainSequence], dict]:
         g = self.config.task.group_size
         trajs = result.trajectories
@@ -316,7 +363,9 @@ class TrainLoop:
             if tr.query_id != queries[i // g].id:
                 raise RuntimeError(f"trajectory {i} is of query {tr.query_id}, expected {queries[i // g].id}")
         group_ids = [i // g for i in range(len(trajs))]
-        adv, stats = group_advantages([tr.reward for tr in trajs], group_ids)
+        ac = self.config.advantage
+        turns = [len(tr.turns) for tr in trajs] if ac.grouping == "turn" else None
+        adv, stats = group_advantages([tr.reward for tr in trajs], group_ids, eps=ac.eps, turns=turns)
         seqs = train_sequences([tr.turns for tr in trajs], adv, group_ids)
         if not seqs:
             raise RuntimeError(

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import torch
 
-from agentflow.runner import ROLES, RolloutResult
+from agentflow.runner import MODEL_ROLES, ROLES, RolloutResult
 from agentflow.trajectory import STOP_REASONS
 from engine.fsio import atomic_write_bytes
 from engine.timer import PHASES, Timings, timing_key
@@ -76,6 +76,14 @@ STEP_KEYS: tuple[str, ...] = (
     ),
     *(f"rollout/stop_reason/{r}" for r in STOP_REASONS),
     *(f"rollout/time_{r}_s" for r in ROLES),
+    # model calls per role (planner on the policy, the rest on the helper unless helper=policy); 0 where a role made none
+    *(f"rollout/{r}_{k}" for r in MODEL_ROLES for k in ("calls", "prompt_tokens", "response_tokens")),
+    "helper",
+    "helper/wake_s",
+    "helper/sleep_s",
+    "reward/judge_rule_matched",
+    "reward/judge_asked",
+    "reward/judge_unparsed",
     *(
         f"adv/{k}"
         for k in (
@@ -185,6 +193,8 @@ class StepRecord:
     train_tokens: int  # packed tokens processed by the update (all epochs)
     peak_flops: float | None
     elapsed_s: float
+    helper: str = "policy"  # HelperConfig.kind: which model served every role but the planner
+    helper_seconds: Mapping[str, float | None] | None = None  # wake_s / sleep_s of a helper that sleeps
 
     def to_metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = dict.fromkeys(STEP_KEYS)
@@ -193,6 +203,15 @@ class StepRecord:
         m.update(rollout_metrics(self.rollout, self.group_size, *self.engine_stats))
         for role in ROLES:
             m[f"rollout/time_{role}_s"] = self.timings.spans.get(role, 0.0)
+        counters = self.rollout.counters
+        for role in MODEL_ROLES:
+            for k in ("calls", "prompt_tokens", "response_tokens"):
+                m[f"rollout/{role}_{k}"] = counters.get(f"{role}_{k}", 0)
+        m["helper"] = self.helper
+        for k, v in (self.helper_seconds or {}).items():
+            m[f"helper/{k}"] = v
+        for k in ("rule_matched", "asked", "unparsed"):  # the LLM judge's counts; null under the rule judge
+            m[f"reward/judge_{k}"] = counters.get(f"judge_{k}")
         m.update(self.advantages)
         m.update(self.train)
         m.update(self.gaps)

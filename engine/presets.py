@@ -3,9 +3,11 @@
     ModelConfig    which planner: the tiny model (built locally), or a Qwen2.5 architecture from a
                    local checkpoint directory or with random weights built on the device
     RolloutConfig  which rollout engine (auto | vllm | embedded) and its memory settings
+    HelperConfig   which frozen model serves every role but the planner (policy | vllm | reference | http)
     TaskConfig     where the queries come from, queries per step (B) and group size (G)
     AgentConfig    the four-agent loop (agentflow.runner)
     TrainerConfig  the Flow-GRPO update (engine.trainer)
+    AdvantageConfig  trajectory or turn grouping of the rewards (engine.advantage)
     RunConfig      all of the above plus steps, seed, run directory, checkpoint and probe cadence
 
 A preset is a function returning a `RunConfig` (`PRESETS`); `with_overrides` applies the command
@@ -23,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentflow.runner import AgentConfig
+from engine.advantage import AdvantageConfig
 from engine.model import MODEL_SHAPES
 from engine.tiny import TinyConfig
 from engine.trainer import TrainerConfig
 
 ENGINES = ("auto", "vllm", "embedded")
+HELPERS = ("policy", "vllm", "reference", "http")
 TOY_TOOLS = ("calculator", "python", "search")
 
 
@@ -71,6 +75,42 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class HelperConfig:
+    """The helper engine: query analysis, executor, verifier, generator, the base_generator tool and the
+    LLM judge run on it; only the planner runs on the trained policy (AgentFlow's premise).
+
+    policy     every role on the policy engine (the helpers follow the trained weights)
+    vllm       a second vLLM engine on `path` (None: the planner's starting checkpoint directory);
+               it is woken before each rollout and sleeps (level 1) for the update
+    reference  the embedded engine on the trainer's frozen reference model (needs kl_coef > 0):
+               the base weights, no extra memory
+    http       an OpenAI-compatible completions endpoint at `url` serving `model`, the API key read
+               from the environment variable `api_key_env` (None: no key)
+    """
+
+    kind: str = "policy"
+    path: str | None = None
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in HELPERS:
+            raise ValueError(f"helper must be one of {HELPERS}, got {self.kind!r}")
+        if self.kind == "http" and not self.url:
+            raise ValueError("--helper http needs --helper-url (an OpenAI-compatible server, e.g. http://host:8000/v1)")
+        if self.kind != "http" and (self.url or self.model or self.api_key_env):
+            raise ValueError(
+                f"--helper-url/--helper-model/--helper-api-key-env apply to --helper http, not {self.kind}"
+            )
+        if self.path is not None and self.kind != "vllm":
+            raise ValueError(f"--helper-dir applies to --helper vllm, not {self.kind}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"helper timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """Queries: a built-in task generated per step (seeded by run seed and step), or a JSONL file cycled."""
 
@@ -108,8 +148,15 @@ class RunConfig:
     keep_last: int = 2
     trace_step: int | None = None
     gap_probe_seqs: int = 4  # sequences re-scored before / sampled after each sync (0: no probe)
+    helper: HelperConfig = field(default_factory=HelperConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
 
     def __post_init__(self) -> None:
+        if self.helper.kind == "reference" and self.trainer.kl_coef == 0:
+            raise ValueError(
+                "--helper reference runs the helpers on the trainer's frozen reference model, which exists only "
+                "when kl_coef > 0; set --kl-coef (e.g. 0.001) or choose --helper vllm|http|policy"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.save_every < 1 or self.keep_last < 1:
@@ -160,6 +207,8 @@ class RunConfig:
             "task     " + fields(self.task),
             "agent    " + fields(self.agent),
             "trainer  " + fields(self.trainer),
+            "helper   " + fields(self.helper),
+            "adv      " + fields(self.advantage),
         ]
 
 
@@ -257,7 +306,64 @@ def qwen2_5_7b(run_dir: str = "runs/qwen2.5-7b") -> RunConfig:
     return _qwen("qwen2.5-7b", run_dir)
 
 
+def agentflow(run_dir: str = "runs/agentflow") -> RunConfig:
+    """AgentFlow's training recipe (lupantech/AgentFlow train/config.yaml, verl 0.5; README table): Qwen2.5-7B
+    (pass the Instruct checkpoint with --model DIR), 32 queries x G = 8, 3 planner turns, planner responses up
+    to 2048 tokens after prompts up to 18432, sampling temperature 0.7, lr 1e-6, AdamW weight decay 0.01,
+    grad-norm clip 1, k3 KL at 0.001, clip 0.2 / 0.3 with dual clip 3, token-mean, 4 mini-batches (mini-batch
+    of 8 queries), advantages over planner turns, AgentFlow's planner format, the LLM judge, every other role
+    on a frozen second vLLM engine on the starting checkpoint. `TrainLoop` refuses it, with the numbers, on a
+    device that cannot hold it (`engine.build.check_recipe_fits`)."""
+    agent = AgentConfig(
+        planner_format="agentflow",
+        max_turns=3,
+        planner_max_new_tokens=2048,
+        context_budget=18432 + 2048,
+        temperature=0.7,
+        tool_result_chars=4000,
+        judge="llm",
+        executor_max_new_tokens=512,
+        verifier_max_new_tokens=64,
+        generator_max_new_tokens=512,
+        base_generator_max_new_tokens=512,
+        analysis_max_new_tokens=1024,
+        judge_max_new_tokens=512,
+    )
+    trainer = TrainerConfig(
+        lr=1e-6,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        mini_batches=4,
+        kl_coef=0.001,
+        kl_type="k3",
+        clip_low=0.2,
+        clip_high=0.3,
+        clip_ratio_c=3.0,
+        loss_agg="token-mean",
+        entropy_coef=0.0,
+        temperature=0.7,
+        micro_batch_tokens=32768,
+        gradient_checkpointing=True,
+        loss_impl="fused",
+    )
+    return RunConfig(
+        preset="agentflow",
+        model=ModelConfig(arch="qwen2.5-7b", dtype="bfloat16"),
+        rollout=RolloutConfig(gpu_memory_utilization=0.6),
+        task=TaskConfig(name="arithmetic", queries_per_step=32, group_size=8),
+        agent=agent,
+        trainer=trainer,
+        steps=10,
+        run_dir=run_dir,
+        save_every=2,
+        keep_last=1,
+        helper=HelperConfig(kind="vllm"),
+        advantage=AdvantageConfig(grouping="turn"),
+    )
+
+
 PRESETS: dict[str, Callable[..., RunConfig]] = {
+    "agentflow": agentflow,
     "tiny": tiny,
     "toy": toy,
     "qwen2.5-1.5b": qwen2_5_1_5b,
@@ -282,6 +388,18 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "trace_step": ("", "trace_step"),
     "save_every": ("", "save_every"),
     "keep_last": ("", "keep_last"),
+    "helper": ("helper", "kind"),
+    "helper_dir": ("helper", "path"),
+    "helper_url": ("helper", "url"),
+    "helper_model": ("helper", "model"),
+    "helper_api_key_env": ("helper", "api_key_env"),
+    "judge": ("agent", "judge"),
+    "advantage": ("advantage", "grouping"),
+    "planner_format": ("agent", "planner_format"),
+    "planner_max_new_tokens": ("agent", "planner_max_new_tokens"),
+    "context_budget": ("agent", "context_budget"),
+    "mini_batches": ("trainer", "mini_batches"),
+    "weight_decay": ("trainer", "weight_decay"),
 }
 
 

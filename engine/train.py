@@ -20,7 +20,9 @@ import argparse
 import os
 import sys
 
-from engine.presets import ENGINES, PRESETS, preset, with_overrides
+from agentflow.agents import PLANNER_FORMATS
+from engine.advantage import GROUPINGS
+from engine.presets import ENGINES, HELPERS, PRESETS, preset, with_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,12 +43,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
     p.add_argument("--data", help="JSONL of {question, answer} to train on instead of the preset's task")
+    p.add_argument(
+        "--helper", choices=HELPERS, help="frozen model of every role but the planner (default: the preset's)"
+    )
+    p.add_argument("--helper-dir", help="--helper vllm: base checkpoint (default: the planner's starting directory)")
+    p.add_argument("--helper-url", help="--helper http: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--helper-model", help="--helper http: model name (default: the server's first model)")
+    p.add_argument("--helper-api-key-env", help="--helper http: environment variable holding the API key")
+    p.add_argument("--judge", choices=("rule", "llm"), help="reward: rule-based judge or the LLM judge on the helper")
+    p.add_argument("--planner-format", choices=sorted(PLANNER_FORMATS), help="planner prompt and output format")
+    p.add_argument("--planner-max-new-tokens", type=int, help="planner response budget (AgentFlow: 2048)")
+    p.add_argument("--context-budget", type=int, help="prompt + response tokens of one engine call")
+    p.add_argument("--advantage", choices=GROUPINGS, help="advantage grouping: per trajectory or per planner turn")
+    p.add_argument("--mini-batches", type=int, help="optimizer steps per training step (mini-batches of the rollout)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
 
 
 def config_from_args(args: argparse.Namespace):
     """The preset's RunConfig with the command line's overrides applied."""
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
+    names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")
+    names += ("advantage", "mini_batches", "weight_decay", "planner_max_new_tokens", "context_budget")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
     return with_overrides(cfg, **{n: getattr(args, n) for n in names})
 

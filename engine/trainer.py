@@ -8,7 +8,11 @@ the fused LM-head loss, gradient accumulation, AdamW with grad-norm clipping.
    `micro_batch_tokens` tokens (`engine.packing`), moved to the model's device;
 2. old log-probs: the current policy's log-probs of every response token, under no_grad (the
    trainer's recompute, the `old_logp` of the ratio; the rollout engine's own log-probs are kept
-   only for the gap metric and the optional correction below);
+   only for the gap metric and the optional correction below). This pass runs only when more than
+   one optimizer step follows the rollout (ppo_epochs × mini-batches > 1); with one step the
+   policy has not moved when the loss is taken, so old_logp is the loss's own log-prob, detached
+   (verl's on-policy case, ratio = 1): it is computed from the same hidden rows by the LM-head
+   log-prob function alone, inside the update, and the decoder body runs once instead of twice;
 3. reference log-probs from the frozen reference policy, only when kl_coef > 0 (the trainer then
    holds a deep copy of the initial model, or the `ref_model` it was given; with kl_coef = 0 no
    copy is made);
@@ -293,6 +297,41 @@ class Trainer:
                 out.append(model.packed_forward(mb, head).float())
         return out
 
+    def recompute_old(self, batch: TrainBatch) -> bool:
+        """Whether old log-probs need their own pass: more than one optimizer step follows the rollout (module doc)."""
+        return self.config.ppo_epochs * len(batch.mini_batches) > 1
+
+    def _on_policy_old(self, batch: TrainBatch, mb: MicroBatch, h, w, b) -> tuple[torch.Tensor, torch.Tensor]:
+        """(old log-probs, advantages) of one micro-batch when no old pass ran: the LM-head log-probs of the
+        update's own hidden rows, detached; the gap metric and the TIS weight accumulate on `batch.metrics`."""
+        with torch.no_grad():
+            old = self.logprob_fn(
+                h.detach(),
+                w.detach(),
+                self._targets(mb),
+                bias=None if b is None else b.detach(),
+                temperature=self.config.temperature,
+            ).float()
+        m = batch.metrics
+        gap = (mb.rollout_logprobs - old).abs().double()
+        n = m.get("_gap_n", 0.0) + gap.numel()
+        m["training/rollout_logprob_diff_mean"] = (
+            m.get("training/rollout_logprob_diff_mean", 0.0) * m.get("_gap_n", 0.0) + gap.sum().item()
+        ) / max(n, 1.0)
+        m["training/rollout_logprob_diff_max"] = max(m.get("training/rollout_logprob_diff_max", 0.0), gap.max().item())
+        m["_gap_n"] = n
+        if self.config.tis_cap is None:
+            return old, mb.advantages
+        wt = torch.exp(old - mb.rollout_logprobs).clamp(max=self.config.tis_cap)
+        k = m.get("_tis_n", 0.0)
+        m["actor/tis_weight_mean"] = (m.get("actor/tis_weight_mean", 0.0) * k + wt.double().sum().item()) / (
+            k + wt.numel()
+        )
+        capped = (wt >= self.config.tis_cap).double().sum().item()
+        m["actor/tis_capped_frac"] = (m.get("actor/tis_capped_frac", 0.0) * k + capped) / (k + wt.numel())
+        m["_tis_n"] = k + wt.numel()
+        return old, mb.advantages * wt
+
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
         """Old-policy log-probs (trainer recompute), the rollout/trainer gap, and the TIS-weighted advantages."""
         batch.old_logprobs = [self.compute_logprobs(mini) for mini in batch.mini_batches]
@@ -337,8 +376,8 @@ class Trainer:
         loss aggregated over the whole mini-batch (module doc). Returns the (scaled) total loss and
         token-weighted sums of the loss metrics.
         """
-        if batch.old_logprobs is None or batch.advantages is None:
-            raise ValueError("compute_old_logprobs(batch) must run before the update")
+        if (batch.old_logprobs is None or batch.advantages is None) and self.recompute_old(batch):
+            raise ValueError("compute_old_logprobs(batch) must run before an update of more than one optimizer step")
         if self.config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0: compute_ref_logprobs(batch) must run before the update")
         cfg = self.config
@@ -353,12 +392,16 @@ class Trainer:
 
             def head(h, w, b, mb=mb, j=j, ref=ref):
                 h, w, b = self._head(h, w, b)
+                if batch.old_logprobs is None:
+                    old, adv = self._on_policy_old(batch, mb, h, w, b)
+                else:
+                    old, adv = batch.old_logprobs[mini][j], batch.advantages[mini][j]
                 out = self.loss_fn(
                     h,
                     w,
                     self._targets(mb),
-                    batch.old_logprobs[mini][j],
-                    batch.advantages[mini][j],
+                    old,
+                    adv,
                     torch.ones_like(mb.targets, dtype=torch.bool),
                     bias=b,
                     cu_seqlens=mb.response_cu_seqlens,
@@ -451,8 +494,9 @@ class Trainer:
         """
         with timer.phase("pack"):
             batch = self.prepare(sequences)
-        with timer.phase("old_log_prob"):
-            self.compute_old_logprobs(batch)
+        if self.recompute_old(batch):
+            with timer.phase("old_log_prob"):
+                self.compute_old_logprobs(batch)
         if self.ref_model is not None:
             with timer.phase("ref"):
                 self.compute_ref_logprobs(batch)
@@ -463,7 +507,7 @@ class Trainer:
         cfg_model = self.model.config
         fwd = sum(forward_flops(cfg_model, mb.seq_lens, mb.num_response_tokens) for mb in mbs)
         packed = sum(mb.num_tokens for mb in mbs)
-        metrics.update(batch.metrics)
+        metrics.update({k: v for k, v in batch.metrics.items() if not k.startswith("_")})
         metrics.update(
             {
                 "actor/num_seqs": float(len(batch.sequences)),
@@ -474,7 +518,7 @@ class Trainer:
                 "actor/packing_efficiency": packed / (len(mbs) * self.config.micro_batch_tokens),
                 "actor/zero_adv_seqs": float(sum(s.advantage == 0.0 for s in batch.sequences)),
                 "perf/train_flops": 3.0 * fwd * self.config.ppo_epochs,
-                "perf/logprob_flops": fwd * (2 if self.ref_model is not None else 1),
+                "perf/logprob_flops": fwd * ((self.ref_model is not None) + self.recompute_old(batch)),
             }
         )
         return metrics

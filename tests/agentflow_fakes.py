@@ -67,6 +67,7 @@ class ByteTokenizer:
 
 ROLES = {
     "You are the planner": "planner",
+    "You are the query analyst": "analysis",
     "You are the executor": "executor",
     "You are the verifier": "verifier",
     "You are the generator": "generator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import pytest
 from agentflow_fakes import ScriptedEngine
@@ -71,16 +72,41 @@ def test_auto_judge_picks_numeric_for_numbers():
         rule_reward("x", Query("c", "q", "x", judge="fuzzy"))
 
 
-def test_llm_judge_batches_and_parses_verdicts():
+def test_llm_judge_batches_normalises_and_counts_unparsed_verdicts():
     def reply(role, text):
         assert role == "judge"
-        return "Yes, correct." if "Candidate answer: 5" in text else ("no" if "Candidate answer: 6" in text else "hmm")
+        if "Model Response: seven" in text:
+            return "<analysis>: seven is 7, not 5.\n<true_false>: False"
+        if "Model Response: five" in text:
+            return '{"analysis": "five is 5", "true_false": true}'
+        return "hmm"
 
     engine = ScriptedEngine(reply)
-    qs = [Query(str(i), "What is 2 + 3?", "5") for i in range(4)]
-    scores = LLMJudge(engine).score(qs, ["5", "6", "seven", None])
-    assert scores == [1.0, 0.0, 0.0, 0.0]  # "hmm" is unparseable → 0; no answer → 0 without asking
+    qs = [Query(str(i), "What is 2 + 3?", "5") for i in range(6)]
+    answers = ["\\boxed{5}", "seven", "five", "6 apples", "10/2", None]
+    counters: dict[str, float] = {}
+    scores = LLMJudge(engine, counters=counters).score(qs, answers)
+    # boxed 5 and 10/2 match by normalisation, unasked; "hmm" is unparseable -> 0; no answer -> 0 unasked
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert len(engine.calls) == 1 and len(engine.calls[0].prompts) == 3
+    assert counters == {"judge_rule_matched": 2, "judge_asked": 3, "judge_unparsed": 1}
+
+
+def test_answer_normalisation_numbers_math_and_multiple_choice():
+    from agentflow.tasks.judges import choice_letter, equivalent, math_value, normalize_answer, parse_verdict
+
+    assert normalize_answer(r"so the answer is $\boxed{\frac{1}{2}}$.") == "(1)/(2)"
+    assert math_value(r"\boxed{\dfrac{3}{4}}") == Fraction(3, 4) and math_value("1,000") == 1000
+    assert math_value("2*3+1") == 7 and math_value("seven") is None
+    assert equivalent("0.5", r"\frac{1}{2}") and equivalent("$1,000", "1000") and not equivalent("0.51", "1/2")
+    mcq = "What is the capital of France?\nA) Berlin\nB) Madrid\nC) Paris\nD) Rome"
+    assert choice_letter("The correct answer is C.", mcq) == "C" and choice_letter("(B)", mcq) == "B"
+    assert choice_letter("Paris", mcq) == "C" and choice_letter("London", mcq) is None
+    assert equivalent("paris", "C", mcq) and not equivalent("A", "C", mcq)
+    assert equivalent("The Eiffel Tower", "the eiffel tower") and not equivalent("Eiffel", "the eiffel tower")
+    assert parse_verdict("<analysis>: x\n<true_false>: **False**") == 0.0
+    assert parse_verdict("**true_false**: True") == 1.0 and parse_verdict("Analysis: equal.\nTrue") == 1.0
+    assert parse_verdict("The answers might be true or false") is None and parse_verdict("") is None
 
 
 def test_shipped_corpus_is_the_generators_output_and_small():

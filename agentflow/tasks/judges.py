@@ -9,8 +9,10 @@
 - `auto`: `numeric` when the gold answer is a number, else `exact`.
 - `contains`: the normalised gold occurs in the normalised answer as a run of whole words (for
   answers that are a retrieved passage, e.g. the toy task's search questions).
-- `LLMJudge`: asks an engine "is the candidate correct?" for many answers in one batched call and
-  reads the first yes/no word of each reply; an unparseable reply scores 0.
+- `LLMJudge`: AgentFlow's judge: answers rule-equivalent to the gold after normalisation (numbers,
+  math expressions, multiple choice) score 1 unasked; the rest go to a model in one batched call
+  for a structured verdict (`<analysis>: ...`, `<true_false>: True|False`); an unparseable verdict
+  scores 0 and is counted.
 
 A missing answer (the generator wrote no <answer> tags) scores 0 under every judge.
 """
@@ -140,31 +142,156 @@ def rule_reward(answer: str | None, query: Query) -> float:
     return JUDGES[query.judge](answer, query)
 
 
-_VERDICT = re.compile(r"\b(yes|no|correct|incorrect)\b", re.I)
+_BOXED = re.compile(r"\\boxed\s*\{")
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_DROP = re.compile(r"\\(left|right|,|!|;|displaystyle)|\$")
 
 
-def parse_yes_no(text: str) -> float | None:
-    """1 for yes/correct, 0 for no/incorrect (the first such word wins), None if there is none."""
-    m = _VERDICT.search(text)
-    if m is None:
+def _last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (braces balanced), else None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
         return None
-    return 1.0 if m.group(1).lower() in ("yes", "correct") else 0.0
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def normalize_answer(text: str) -> str:
+    """The final answer in plain form: the last `\\boxed{}` if any, LaTeX fractions as a/b, `\\cdot`/`\\times`
+    as *, no `$`, `\\left`/`\\right` or `\\text{}` wrappers, no trailing period, single spaces."""
+    boxed = _last_boxed(text)
+    t = boxed if boxed is not None else text
+    t = _FRAC.sub(r"(\1)/(\2)", t)
+    t = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", t)
+    t = t.replace("\\cdot", "*").replace("\\times", "*").replace("×", "*").replace("÷", "/")
+    t = _LATEX_DROP.sub("", t)
+    return " ".join(t.split()).strip().rstrip(".").strip()
+
+
+def math_value(text: str | None) -> Fraction | None:
+    """The exact value of a number or arithmetic expression (`1,000`, `3/4`, `(1)/(2)`, `2*3+1`), else None."""
+    if text is None:
+        return None
+    t = normalize_answer(text)
+    n = parse_number(t)
+    if n is not None:
+        return n
+    from agentflow.tools.calculator import evaluate
+
+    try:
+        v = evaluate(t.replace(",", ""))
+    except (CalcError, RecursionError):
+        return None
+    return v if isinstance(v, Fraction) else Fraction(v) if isinstance(v, int) else None
+
+
+_OPTION = re.compile(r"^\s*\(?([A-J])[).:]\s+(.+?)\s*$", re.M)
+_LETTER = re.compile(r"^\(?([A-J])\)?$|(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\)?\b", re.I)
+
+
+def choice_options(question: str) -> dict[str, str]:
+    """{letter: option text} of a multiple-choice question (`A) ...`, `(B) ...`, `C. ...` lines)."""
+    return {m.group(1): m.group(2) for m in _OPTION.finditer(question)}
+
+
+def choice_letter(answer: str | None, question: str) -> str | None:
+    """The option an answer picks: a bare letter (`C`, `(C)`), "the answer is C", or an option's exact text."""
+    if answer is None:
+        return None
+    a = normalize_answer(answer)
+    m = _LETTER.search(a)
+    if m and (m.group(1) or m.group(2)):
+        letter = (m.group(1) or m.group(2)).upper()
+        if m.group(2) or len(a) <= 3:
+            return letter
+    by_text = {normalize_text(v): k for k, v in choice_options(question).items()}
+    return by_text.get(normalize_text(a))
+
+
+def equivalent(answer: str | None, gold: str, question: str = "") -> bool:
+    """Rule equivalence after normalisation: multiple choice (gold a letter and the question has options),
+    numbers and arithmetic expressions (exact, or 1e-6 relative), else normalised text."""
+    if answer is None:
+        return False
+    if re.fullmatch(r"\(?[A-J]\)?", gold.strip()) and choice_options(question):
+        return choice_letter(answer, question) == gold.strip().strip("()").upper()
+    g = math_value(gold)
+    if g is not None:
+        a = math_value(answer)
+        return a is not None and (a == g or abs(float(a) - float(g)) <= 1e-6 * max(1.0, abs(float(g))))
+    return exact_match(normalize_answer(answer), normalize_answer(gold)) == 1.0
+
+
+_TRUE_FALSE = re.compile(r"true[_\s-]*false\W{0,6}(true|false|yes|no)\b", re.I)
+_LAST_WORD = re.compile(r"(?:^|\n)\W*(true|false)\W*$", re.I)
+
+
+def parse_verdict(text: str) -> float | None:
+    """AgentFlow's structured verdict: 1/0 from the last `<true_false>: True|False` (also as JSON
+    `"true_false": true`), else from a reply whose last line is just True/False; None if neither."""
+    found = _TRUE_FALSE.findall(text)
+    if found:
+        return 1.0 if found[-1].lower() in ("true", "yes") else 0.0
+    m = _LAST_WORD.search(text.strip())
+    if m:
+        return 1.0 if m.group(1).lower() == "true" else 0.0
+    return None
+
+
+JUDGE_PROMPT = """Decide whether the Model Response gives the same final answer as the Ground Truth.
+
+Steps:
+1. Take the final answer from the Model Response (a \\boxed{{}} value or its concluding statement), ignoring the reasoning.
+2. Compare after normalising: math must be mathematically equal (1/2 equals 0.5); numbers and text ignore formatting, case, currency and units (1,000 equals 1000); for multiple choice, an option's text or position counts as its letter.
+3. The verdict is True only when the two are equivalent.
+
+Question: {question}
+Model Response: {answer}
+Normalised response: {normalised}
+Ground Truth: {gold}
+
+Reply in this format:
+<analysis>: a brief comparison
+<true_false>: True or False"""
 
 
 class LLMJudge:
-    """Scores answers by asking `engine`; one batched `generate` per `score` call, greedy."""
+    """AgentFlow's LLM judge: a structured verdict (analysis, then True/False) from `engine`, batched.
 
-    SYSTEM = "You grade answers. Reply with one word: yes if the candidate answer is correct, no otherwise."
+    An answer that is rule-equivalent to the gold after normalisation (`equivalent`: numbers, math
+    expressions, multiple choice, text) scores 1 without a model call (counted `judge_rule_matched`);
+    every other non-missing answer goes into ONE greedy `generate` call per `score`. A reply without
+    a parseable verdict scores 0 and is counted (`judge_unparsed`); a missing answer scores 0 unasked.
+    Counts go to `counters` when given.
+    """
 
-    def __init__(self, engine: LanguageModel, max_new_tokens: int = 8) -> None:
+    SYSTEM = "You grade answers: you decide whether a model's response matches the ground truth."
+
+    def __init__(self, engine: LanguageModel, max_new_tokens: int = 256, counters: dict[str, float] | None = None):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+        self.counters = counters if counters is not None else {}
+
+    def _count(self, key: str, n: int) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
 
     def score(self, queries: Sequence[Query], answers: Sequence[str | None]) -> list[float]:
         if len(queries) != len(answers):
             raise ValueError(f"{len(queries)} queries but {len(answers)} answers")
-        todo = [i for i, a in enumerate(answers) if a is not None]
         out = [0.0] * len(answers)
+        todo = []
+        for i, (q, a) in enumerate(zip(queries, answers)):
+            if a is not None and equivalent(a, q.answer, q.question):
+                out[i] = 1.0
+            elif a is not None:
+                todo.append(i)
+        self._count("judge_rule_matched", sum(x == 1.0 for x in out))
+        self._count("judge_asked", len(todo))
+        self._count("judge_unparsed", 0)
         if not todo:
             return out
         tok = self.engine.tokenizer
@@ -175,8 +302,12 @@ class LLMJudge:
                     {"role": "system", "content": self.SYSTEM},
                     {
                         "role": "user",
-                        "content": f"Question: {queries[i].question}\nReference answer: {queries[i].answer}\n"
-                        f"Candidate answer: {answers[i]}\nIs the candidate answer correct?",
+                        "content": JUDGE_PROMPT.format(
+                            question=queries[i].question,
+                            answer=answers[i],
+                            normalised=normalize_answer(answers[i] or ""),
+                            gold=queries[i].answer,
+                        ),
                     },
                 ],
             )
@@ -184,7 +315,10 @@ class LLMJudge:
         ]
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_token_ids=stop_ids(tok))
         for i, g in zip(todo, self.engine.generate(prompts, sampling)):
-            out[i] = parse_yes_no(g.text) or 0.0
+            v = parse_verdict(g.text)
+            if v is None:
+                self._count("judge_unparsed", 1)
+            out[i] = v or 0.0
         return out
 
 
