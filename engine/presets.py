@@ -108,6 +108,7 @@ class RunConfig:
     keep_last: int = 2
     trace_step: int | None = None
     gap_probe_seqs: int = 4  # sequences re-scored before / sampled after each sync (0: no probe)
+    gap_probe_every: int = 10  # probe on step 1 and every k-th step after (a diagnostic, not part of training)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -116,6 +117,8 @@ class RunConfig:
             raise ValueError(f"save_every and keep_last must be >= 1, got {self.save_every}, {self.keep_last}")
         if self.gap_probe_seqs < 0:
             raise ValueError(f"gap_probe_seqs must be >= 0, got {self.gap_probe_seqs}")
+        if self.gap_probe_every < 1:
+            raise ValueError(f"gap_probe_every must be >= 1 (1: every step), got {self.gap_probe_every}")
         if self.trace_step is not None and self.trace_step < 1:
             raise ValueError(f"trace_step must be a step number >= 1, got {self.trace_step}")
         if self.trainer.temperature != self.agent.temperature:
@@ -151,7 +154,17 @@ class RunConfig:
 
         run = {
             k: getattr(self, k)
-            for k in ("preset", "steps", "seed", "run_dir", "save_every", "keep_last", "trace_step", "gap_probe_seqs")
+            for k in (
+                "preset",
+                "steps",
+                "seed",
+                "run_dir",
+                "save_every",
+                "keep_last",
+                "trace_step",
+                "gap_probe_seqs",
+                "gap_probe_every",
+            )
         }
         return [
             "run      " + " ".join(f"{k}={v}" for k, v in run.items()),
@@ -282,6 +295,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "trace_step": ("", "trace_step"),
     "save_every": ("", "save_every"),
     "keep_last": ("", "keep_last"),
+    "gap_probe_every": ("", "gap_probe_every"),
 }
 
 

@@ -8,7 +8,11 @@ the fused LM-head loss, gradient accumulation, AdamW with grad-norm clipping.
    `micro_batch_tokens` tokens (`engine.packing`), moved to the model's device;
 2. old log-probs: the current policy's log-probs of every response token, under no_grad (the
    trainer's recompute, the `old_logp` of the ratio; the rollout engine's own log-probs are kept
-   only for the gap metric and the optional correction below);
+   only for the gap metric and the optional correction below). When exactly one optimizer step
+   follows the rollout (ppo_epochs = 1, one mini-batch) the old policy IS the policy being
+   updated, so there is no separate pass: each micro-batch's old log-probs come from the update's
+   own forward (the LM-head log-probs of its hidden rows, detached; `actor/old_logprob_fused`),
+   and the `old_log_prob` phase does not run (verl skips it the same way);
 3. reference log-probs from the frozen reference policy, only when kl_coef > 0 (the trainer then
    holds a deep copy of the initial model, or the `ref_model` it was given; with kl_coef = 0 no
    copy is made);
@@ -150,6 +154,7 @@ class TrainBatch:
     old_logprobs: list[list[torch.Tensor]] | None = None
     ref_logprobs: list[list[torch.Tensor]] | None = None
     advantages: list[list[torch.Tensor]] | None = None  # after the optional TIS weighting
+    tis_weights: list[torch.Tensor] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -277,32 +282,38 @@ class Trainer:
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
         """Old-policy log-probs (trainer recompute), the rollout/trainer gap, and the TIS-weighted advantages."""
         batch.old_logprobs = [self.compute_logprobs(mini) for mini in batch.mini_batches]
+        batch.advantages = [
+            [self._weighted_advantages(batch, mb, old) for mb, old in zip(mini, olds)]
+            for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
+        ]
+        self._old_logprob_metrics(batch)
+
+    def on_policy(self, batch: TrainBatch) -> bool:
+        """Exactly one optimizer step follows the rollout: the old policy is the one being updated."""
+        return self.config.ppo_epochs == 1 and len(batch.mini_batches) == 1
+
+    def _weighted_advantages(self, batch: TrainBatch, mb: MicroBatch, old: torch.Tensor) -> torch.Tensor:
+        cap = self.config.tis_cap
+        if cap is None:
+            return mb.advantages
+        w = torch.exp(old - mb.rollout_logprobs).clamp(max=cap)
+        batch.tis_weights.append(w)
+        return mb.advantages * w
+
+    def _old_logprob_metrics(self, batch: TrainBatch) -> None:
         gaps = torch.cat(
             [
                 (mb.rollout_logprobs - old).abs()
-                for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
+                for mini, olds in zip(batch.mini_batches, batch.old_logprobs or [])
                 for mb, old in zip(mini, olds)
             ]
         )
         batch.metrics["training/rollout_logprob_diff_mean"] = gaps.double().mean().item()
         batch.metrics["training/rollout_logprob_diff_max"] = gaps.max().item()
-        cap = self.config.tis_cap
-        advs, weights = [], []
-        for mini, olds in zip(batch.mini_batches, batch.old_logprobs):
-            row = []
-            for mb, old in zip(mini, olds):
-                if cap is None:
-                    row.append(mb.advantages)
-                else:
-                    w = torch.exp(old - mb.rollout_logprobs).clamp(max=cap)
-                    weights.append(w)
-                    row.append(mb.advantages * w)
-            advs.append(row)
-        batch.advantages = advs
-        if weights:
-            w = torch.cat(weights)
+        if batch.tis_weights:
+            w = torch.cat(batch.tis_weights)
             batch.metrics["actor/tis_weight_mean"] = w.double().mean().item()
-            batch.metrics["actor/tis_capped_frac"] = (w >= cap).double().mean().item()
+            batch.metrics["actor/tis_capped_frac"] = (w >= self.config.tis_cap).double().mean().item()
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> None:
         """Reference-policy log-probs (only when kl_coef > 0)."""
@@ -318,8 +329,9 @@ class Trainer:
         loss aggregated over the whole mini-batch (module doc). Returns the (scaled) total loss and
         token-weighted sums of the loss metrics.
         """
-        if batch.old_logprobs is None or batch.advantages is None:
-            raise ValueError("compute_old_logprobs(batch) must run before the update")
+        fused_old = batch.old_logprobs is None and self.on_policy(batch)
+        if (batch.old_logprobs is None or batch.advantages is None) and not fused_old:
+            raise ValueError("compute_old_logprobs(batch) must run before the update (or update on-policy)")
         if self.config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0: compute_ref_logprobs(batch) must run before the update")
         cfg = self.config
@@ -327,11 +339,24 @@ class Trainer:
         total_tokens = sum(mb.num_response_tokens for mb in mbs)
         total_seqs = sum(mb.num_seqs for mb in mbs)
         acc = {"loss": 0.0, "tokens": 0.0, "ratio_max": -math.inf}
+        if fused_old:
+            batch.old_logprobs, batch.advantages = [[]], [[]]
         for j, mb in enumerate(mbs):
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[mini][j]
             with self._autocast():
                 h = hidden_states(self.model, mb).index_select(0, mb.loss_positions)
                 h, w, b = self._head(self.model, h)
+                if fused_old:  # on-policy: the old log-probs are this forward's own, detached (verl does the same)
+                    with torch.no_grad():
+                        old = self.logprob_fn(
+                            h.detach(),
+                            w.detach(),
+                            self._targets(mb),
+                            bias=None if b is None else b.detach(),
+                            temperature=cfg.temperature,
+                        ).float()
+                    batch.old_logprobs[0].append(old)
+                    batch.advantages[0].append(self._weighted_advantages(batch, mb, old))
                 out = self.loss_fn(
                     h,
                     w,
@@ -362,6 +387,8 @@ class Trainer:
             for key in ("pg_loss", "clipfrac", "clipfrac_lower", "kl", "entropy", "ratio_mean"):
                 acc[key] = acc.get(key, 0.0) + out.metrics[key] * n
             acc["ratio_max"] = max(acc["ratio_max"], out.metrics["ratio_max"])
+        if fused_old:
+            self._old_logprob_metrics(batch)
         return acc
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -427,8 +454,10 @@ class Trainer:
         """
         with timer.phase("pack"):
             batch = self.prepare(sequences)
-        with timer.phase("old_log_prob"):
-            self.compute_old_logprobs(batch)
+        fused_old = self.on_policy(batch)
+        if not fused_old:  # on-policy, the update's own forward gives the old log-probs (accumulate_gradients)
+            with timer.phase("old_log_prob"):
+                self.compute_old_logprobs(batch)
         if self.ref_model is not None:
             with timer.phase("ref"):
                 self.compute_ref_logprobs(batch)
@@ -450,7 +479,8 @@ class Trainer:
                 "actor/packing_efficiency": packed / (len(mbs) * self.config.micro_batch_tokens),
                 "actor/zero_adv_seqs": float(sum(s.advantage == 0.0 for s in batch.sequences)),
                 "perf/train_flops": 3.0 * fwd * self.config.ppo_epochs,
-                "perf/logprob_flops": fwd * (2 if self.ref_model is not None else 1),
+                "perf/logprob_flops": fwd * ((0 if fused_old else 1) + (1 if self.ref_model is not None else 0)),
+                "actor/old_logprob_fused": float(fused_old),
             }
         )
         return metrics
