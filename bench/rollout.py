@@ -11,8 +11,8 @@ single tokens, tools with real latency, and the four-agent loop of `agentflow.ru
 - `sandbox`: the real python sandbox (a subprocess per call) as the only tool; each query is a
   program that sleeps a time drawn from `--tool-sleep` and prints its answer.
 
-- planner: "tool_token" format, sampled at temperature 1 over the tool tokens and end-of-turn, at
-  most 2 tokens. A lone tool token is a valid action; anything else is an invalid turn. With the
+- planner: "tool_token" format, one token sampled at temperature 1 over the tool tokens and
+  end-of-turn: a tool token is a valid action, end-of-turn an invalid turn. With the
   rule verifier (STOP once a tool succeeded) each trajectory takes 1-3 turns (`--max-turns`).
 - executor: rule (the query is the program); verifier: rule; generator: LLM (greedy, up to
   `--generator-tokens` tokens, so the engine has decode work); judge: rule.
@@ -109,7 +109,7 @@ def agent_config(schedule: str, args: argparse.Namespace):
 
     return AgentConfig(
         planner_format="tool_token",
-        planner_max_new_tokens=2,
+        planner_max_new_tokens=1,
         max_turns=args.max_turns,
         context_budget=1024,
         tools=tuple(t.name for t in make_tools(args.tool, args.sleep_s)),
