@@ -30,7 +30,8 @@ each, alternating; figures are medians over the repeats:
 - trajectory latency p50/p90: continuous, from the rollout start to each trajectory's last answer;
   lock-step, every answer arrives with the final generator batch, so each latency is that batch's end
   (~ the wall time);
-- speed-up = continuous trajectories/s / lock-step trajectories/s.
+- speed-up = continuous trajectories/s / lock-step trajectories/s of each back-to-back pair of
+  runs, median over the pairs (a shared machine's load drifts between repeats).
 
 Prints a table, the conditions and a last-line JSON; `--save` writes it under bench/results/.
 """
@@ -185,7 +186,7 @@ def format_table(summary: dict[str, dict[str, Any]], speedup: float) -> str:
     lines = [f"{'schedule':<11}" + "".join(f"{c:>11}" for c, _, _ in cols)]
     for name, s in summary.items():
         lines.append(f"{name:<11}" + "".join(f"{format(s[k], spec):>11}" for _, k, spec in cols))
-    lines.append(f"speed-up (continuous / lock-step trajectories/s): {speedup:.2f}x")
+    lines.append(f"speed-up (continuous / lock-step trajectories/s, median over back-to-back pairs): {speedup:.2f}x")
     return "\n".join(lines)
 
 
@@ -256,7 +257,9 @@ def main(args: argparse.Namespace) -> int:
                 prints[s + "_changed"] = fp
             runs[s].append(r)
     summary = {s: summarize(runs[s]) for s in SCHEDULES}
-    speedup = summary["continuous"]["trajectories_per_s"] / summary["lockstep"]["trajectories_per_s"]
+    # per adjacent (lock-step, continuous) pair, so a change of machine load between repeats cancels out
+    ratios = [c["trajectories_per_s"] / lk["trajectories_per_s"] for lk, c in zip(runs["lockstep"], runs["continuous"])]
+    speedup = statistics.median(ratios)
     same = prints["lockstep"] == prints["continuous"] and not any(k.endswith("_changed") for k in prints)
     n = args.queries * args.group_size
     print(
@@ -283,6 +286,7 @@ def main(args: argparse.Namespace) -> int:
         },
         "schedules": summary,
         "speedup": speedup,
+        "speedup_per_pair": ratios,
         "same_turns": same,
     }
     if args.save is not None:

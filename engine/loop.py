@@ -115,6 +115,7 @@ class TrainLoop:
         self.start_step, self.writer = self._restore(resume)
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
         self._queries_cache: list[Query] | None = None
+        self.rollout_queue: list | None = None  # the last rollout's queue-depth samples (for the Chrome trace)
 
     # ---- building ----
 
