@@ -2,10 +2,11 @@
 
 Talks to generation only through its own protocol, `agentflow.lm.LanguageModel` (the engines in
 `engine.rollout` implement it). Entry point: `run_trajectories(models, queries, group_size,
-AgentConfig(...)) -> RolloutResult` (see `agentflow.runner`).
+AgentConfig(...)) -> RolloutResult` (see `agentflow.runner`); models that also implement the
+request-level `StreamingLanguageModel` are scheduled continuously (`agentflow.scheduler`).
 """
 
-from agentflow.lm import Generation, LanguageModel, SamplingConfig
+from agentflow.lm import Generation, LanguageModel, SamplingConfig, StreamingLanguageModel
 from agentflow.memory import Memory, Step
 from agentflow.runner import AgentConfig, RoleModels, RolloutResult, run_trajectories
 from agentflow.tasks import Query, load_jsonl, load_task
@@ -22,6 +23,7 @@ __all__ = [
     "RolloutResult",
     "SamplingConfig",
     "Step",
+    "StreamingLanguageModel",
     "Trajectory",
     "Turn",
     "load_jsonl",

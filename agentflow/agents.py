@@ -49,6 +49,7 @@ Variants (chosen by `AgentConfig.executor/verifier/generator`; "llm" is the defa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentflow.chat import chat_ids, stop_ids
-from agentflow.lm import Generation, LanguageModel, SamplingConfig
+from agentflow.lm import Generation, LanguageModel, SamplingConfig, StreamingLanguageModel, generate_each
 from agentflow.memory import Memory
 from agentflow.tools.base import Tool
 
@@ -246,16 +247,27 @@ class Caller:
             max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=self.stop, seed=seed, **kw
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-        gens = self.engine.generate(prompts, sampling)
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: Sequence[int | None] | None = None
+    ) -> list[Generation]:
+        """One batched call. With `seeds` (one per prompt) and a streaming model, every prompt is its own
+        request with its own seed (so its sample does not depend on the batch); otherwise one
+        `generate` call whose prompts share `sampling.seed`."""
+        if seeds is not None and isinstance(self.engine, StreamingLanguageModel):
+            gens = generate_each(self.engine, prompts, [dataclasses.replace(sampling, seed=s) for s in seeds])
+        else:
+            gens = self.engine.generate(prompts, sampling)
         if len(gens) != len(prompts):
             raise RuntimeError(f"engine returned {len(gens)} generations for {len(prompts)} prompts")
+        self.count(prompts, gens, calls=1)
+        return gens
+
+    def count(self, prompts: Sequence[Sequence[int]], gens: Sequence[Generation], calls: int) -> None:
         c, p = self.counters, self.phase
-        c[f"{p}_calls"] = c.get(f"{p}_calls", 0) + 1
+        c[f"{p}_calls"] = c.get(f"{p}_calls", 0) + calls
         c[f"{p}_prompts"] = c.get(f"{p}_prompts", 0) + len(prompts)
         c[f"{p}_prompt_tokens"] = c.get(f"{p}_prompt_tokens", 0) + sum(map(len, prompts))
         c[f"{p}_response_tokens"] = c.get(f"{p}_response_tokens", 0) + sum(len(g.token_ids) for g in gens)
-        return gens
 
     def fit(
         self, build: Callable[[int], Messages], num_steps: int, budget: int, max_new_tokens: int
@@ -431,21 +443,32 @@ class LLMRole:
     def __init__(self, caller: Caller, budget: int, max_new_tokens: int) -> None:
         self.caller, self.budget, self.max_new_tokens = caller, budget, max_new_tokens
 
-    def ask(self, users: Sequence[tuple[Callable[[int], str], int]], seed: int | None) -> list[str | None]:
-        """`users`: (user text given how many memory steps to skip, number of memory steps) per item."""
+    def prompt(self, user: Callable[[int], str], num_steps: int) -> list[int] | None:
+        """Prompt ids for one item (`user(skip)`: the user text with `skip` oldest memory steps left out)."""
+
+        def build(skip: int) -> Messages:
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": user(skip)}]
+
+        return self.caller.fit(build, num_steps, self.budget, self.max_new_tokens)
+
+    def ask(
+        self,
+        users: Sequence[tuple[Callable[[int], str], int]],
+        seed: int | None,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[str | None]:
+        """`users`: (user text given how many memory steps to skip, number of memory steps) per item;
+        `seeds`: one per item for per-request seeding (see `Caller.generate`)."""
         replies: list[str | None] = [None] * len(users)
         todo, prompts = [], []
         for i, (user, num_steps) in enumerate(users):
-
-            def build(skip: int, user: Callable[[int], str] = user) -> Messages:
-                return [{"role": "system", "content": self.system}, {"role": "user", "content": user(skip)}]
-
-            ids = self.caller.fit(build, num_steps, self.budget, self.max_new_tokens)
+            ids = self.prompt(user, num_steps)
             if ids is not None:
                 todo.append(i)
                 prompts.append(ids)
         if prompts:
-            gens = self.caller.generate(prompts, self.caller.sampling(self.max_new_tokens, seed=seed))
+            sampling = self.caller.sampling(self.max_new_tokens, seed=seed)
+            gens = self.caller.generate(prompts, sampling, None if seeds is None else [seeds[i] for i in todo])
             for i, g in zip(todo, gens):
                 replies[i] = g.text
         return replies
@@ -497,30 +520,35 @@ EXECUTOR_SYSTEM = (
 class LLMExecutor(LLMRole):
     system = EXECUTOR_SYSTEM
 
-    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
+    @staticmethod
+    def user(mem: Memory, tool: Tool, sub_goal: str) -> tuple[Callable[[int], str], int]:
+        text = lambda skip: (
+            f"{mem.render(skip)}\n\nTool: {tool.name} ({tool.description})\n"
+            f"Command format: {tool.command_format}\nSub-goal: {sub_goal}"
+        )
+        return text, len(mem.steps)
+
+    @staticmethod
+    def parse(text: str | None) -> tuple[str, str]:
+        """(command, error) from one reply (None: the prompt did not fit)."""
+        if text is None:
+            return "", "executor prompt does not fit the context budget"
+        cmd = parse_command(text)
+        if cmd is None:
+            return "", "no 'Command: ...' line in the executor's output"
+        return cmd, ""
+
+    def commands(
+        self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[tuple[str, str]]:
         """(command, error) per (memory, tool, sub_goal); error is "" when a command was produced."""
-
-        def user(mem: Memory, tool: Tool, sub_goal: str) -> Callable[[int], str]:
-            return lambda skip: (
-                f"{mem.render(skip)}\n\nTool: {tool.name} ({tool.description})\n"
-                f"Command format: {tool.command_format}\nSub-goal: {sub_goal}"
-            )
-
-        replies = self.ask([(user(m, t, g), len(m.steps)) for m, t, g in items], seed)
-        out: list[tuple[str, str]] = []
-        for text in replies:
-            cmd = None if text is None else parse_command(text)
-            if text is None:
-                out.append(("", "executor prompt does not fit the context budget"))
-            elif cmd is None:
-                out.append(("", "no 'Command: ...' line in the executor's output"))
-            else:
-                out.append((cmd, ""))
-        return out
+        return [self.parse(t) for t in self.ask([self.user(m, t, g) for m, t, g in items], seed, seeds)]
 
 
 class RuleExecutor:
-    def commands(self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None) -> list[tuple[str, str]]:
+    def commands(
+        self, items: Sequence[tuple[Memory, Tool, str]], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[tuple[str, str]]:
         out = []
         for mem, tool, sub_goal in items:
             cmd = tool.command_from(sub_goal, mem.query)
@@ -537,13 +565,20 @@ VERIFIER_SYSTEM = (
 class LLMVerifier(LLMRole):
     system = VERIFIER_SYSTEM
 
-    def decide(self, memories: Sequence[Memory], seed: int | None) -> list[str]:
-        replies = self.ask([(m.render, len(m.steps)) for m in memories], seed)
-        return ["CONTINUE" if text is None else parse_verdict(text) for text in replies]
+    @staticmethod
+    def parse(text: str | None) -> str:
+        return "CONTINUE" if text is None else parse_verdict(text)
+
+    def decide(
+        self, memories: Sequence[Memory], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[str]:
+        return [self.parse(t) for t in self.ask([(m.render, len(m.steps)) for m in memories], seed, seeds)]
 
 
 class RuleVerifier:
-    def decide(self, memories: Sequence[Memory], seed: int | None) -> list[str]:
+    def decide(
+        self, memories: Sequence[Memory], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[str]:
         return ["STOP" if m.steps and m.steps[-1].valid and m.steps[-1].ok else "CONTINUE" for m in memories]
 
 
@@ -556,14 +591,22 @@ GENERATOR_SYSTEM = (
 class LLMGenerator(LLMRole):
     system = GENERATOR_SYSTEM
 
-    def answers(self, memories: Sequence[Memory], seed: int | None) -> list[tuple[str, str | None]]:
+    @staticmethod
+    def parse(text: str | None) -> tuple[str, str | None]:
+        """(raw output, parsed answer) of one reply."""
+        return ("", None) if text is None else (text, parse_answer(text))
+
+    def answers(
+        self, memories: Sequence[Memory], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[tuple[str, str | None]]:
         """(raw output, parsed answer) per memory."""
-        replies = self.ask([(m.render, len(m.steps)) for m in memories], seed)
-        return [("", None) if text is None else (text, parse_answer(text)) for text in replies]
+        return [self.parse(t) for t in self.ask([(m.render, len(m.steps)) for m in memories], seed, seeds)]
 
 
 class RuleGenerator:
-    def answers(self, memories: Sequence[Memory], seed: int | None) -> list[tuple[str, str | None]]:
+    def answers(
+        self, memories: Sequence[Memory], seed: int | None, seeds: Sequence[int | None] | None = None
+    ) -> list[tuple[str, str | None]]:
         out: list[tuple[str, str | None]] = []
         for m in memories:
             last = next((s for s in reversed(m.steps) if s.valid and s.ok), None)

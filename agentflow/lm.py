@@ -67,3 +67,41 @@ class LanguageModel(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
         """Sample one completion per prompt, all in one batch; results in prompt order."""
         ...
+
+
+@runtime_checkable
+class StreamingLanguageModel(LanguageModel, Protocol):
+    """Optional request-level interface: one request at a time, advanced by the caller's `step()`.
+
+    `submit` queues one prompt and returns its request id; the request is sampled exactly as prompt 0
+    of `generate([prompt_ids], sampling)` would be (same seed derivation), so a request's sample
+    depends on its own seed only, never on what else is in the batch. `step` advances the engine by
+    one scheduler iteration over everything pending and returns the requests that finished in it.
+    `num_pending` counts submitted requests that have not been returned by `step` yet.
+    """
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> int: ...
+
+    def step(self) -> list[tuple[int, Generation]]: ...
+
+    def num_pending(self) -> int: ...
+
+
+def generate_each(
+    model: StreamingLanguageModel, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingConfig]
+) -> list[Generation]:
+    """Submit every prompt with its own sampling (its own seed), step until all finished; prompt order."""
+    if len(prompts) != len(samplings):
+        raise ValueError(f"{len(prompts)} prompts but {len(samplings)} sampling configs")
+    ids = [model.submit(p, s) for p, s in zip(prompts, samplings)]
+    wanted = set(ids)
+    done: dict[int, Generation] = {}
+    while len(done) < len(ids):
+        finished = model.step()
+        for rid, gen in finished:
+            if rid not in wanted:
+                raise RuntimeError(f"request {rid} finished but was not submitted by this call")
+            done[rid] = gen
+        if not finished and model.num_pending() == 0:
+            raise RuntimeError(f"the engine has nothing pending but {len(ids) - len(done)} requests never finished")
+    return [done[i] for i in ids]

@@ -19,12 +19,18 @@ When no trajectory is live, the generator writes every final answer in one batch
 judge scores them (rule-based per query, or one batched LLM-judge call). So a group costs a few
 batched calls per loop step, not one call per trajectory.
 
+Schedules (`AgentConfig.schedule`): "lockstep" is the loop above; "continuous"
+(`agentflow.scheduler`) runs the same per-trajectory steps with every trajectory advancing on its
+own over a `StreamingLanguageModel`; "auto" picks continuous when every model involved streams,
+else lock-step. `RolloutResult.schedule` says which ran. With streaming models both schedules seed
+every request by (trajectory, turn, role) (`request_seed`), so on a deterministic engine they record
+the same turns; a model without the streaming interface gets one seed per batched call instead.
+
 Models (`RoleModels`): the planner's is the trained policy. Query analysis, executor, verifier,
 generator, the base_generator tool and the LLM judge use the planner's model unless `RoleModels`
 names others (`RoleModels.helped(planner, helper)`: all of them on one frozen helper); their calls
 are never training data. The planner format "agentflow" first asks the analysis model for one
-query analysis per distinct query (span `analysis`). Sampling seeds derive from `seed`, the loop step and the
-role, so a run with a fixed seed on a deterministic model is reproducible. Time goes to the
+query analysis per distinct query (span `analysis`). Time goes to the
 caller's `Timer`: each role is a span, the judge is the `reward` phase.
 """
 
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentflow.agents import EXECUTORS, GENERATORS, PLANNER_FORMATS, VERIFIERS, Caller, Planner, QueryAnalyzer
-from agentflow.lm import LanguageModel
+from agentflow.lm import LanguageModel, StreamingLanguageModel
 from agentflow.memory import Memory, Step
 from agentflow.tasks.judges import LLMJudge, RuleJudge
 from agentflow.tasks.query import Query
@@ -49,6 +55,7 @@ ROLES = ("analysis", "planner", "executor", "tools", "verifier", "generator")  #
 # the model calls counted per role in RolloutResult.counters (<role>_calls, _prompts, _prompt_tokens, _response_tokens)
 MODEL_ROLES = ("planner", "analysis", "executor", "verifier", "generator", "base_generator", "judge")
 AGENT_MODES = tuple(EXECUTORS)
+SCHEDULES = ("auto", "continuous", "lockstep")
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,11 @@ class AgentConfig:
     tool_workers: int = 8
     search_top_k: int = 3
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    schedule: str = "auto"  # "auto" (continuous when every model streams), "continuous" or "lockstep"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         for name in ("executor", "verifier", "generator"):
@@ -131,6 +141,8 @@ class RolloutResult:
     trajectories: list[Trajectory]
     counters: dict[str, float]  # per role: <role>_calls, _prompts, _prompt_tokens, _response_tokens
     loop_steps: int
+    schedule: str = "lockstep"  # which schedule ran
+    stats: dict[str, Any] = field(default_factory=dict)  # the continuous scheduler's figures (agentflow.scheduler)
 
     def summary(self) -> dict[str, Any]:
         trajs = self.trajectories
@@ -148,6 +160,7 @@ class RolloutResult:
             "planner_response_tokens": sum(len(t.response_ids) for t in turns),
             "stop_reasons": reasons,
             "loop_steps": self.loop_steps,
+            "schedule": self.schedule,
             "counters": dict(self.counters),
         }
 
@@ -165,6 +178,32 @@ def build_tools(config: AgentConfig, model: LanguageModel) -> list[Tool]:
 
 def _seed(seed: int | None, step: int, phase: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + step * 101 + phase) % (1 << 62)
+
+
+REQUEST_ROLES = ("planner", "executor", "verifier", "generator", "base_generator")
+
+
+def request_seed(seed: int | None, trajectory: int, turn: int, role: str) -> int | None:
+    """The seed of one request: a function of (run seed, trajectory index, turn, role) only, so it does
+    not depend on the order in which a schedule submits requests. The generator's turn is 0."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + trajectory * 10_007 + turn * 101 + REQUEST_ROLES.index(role)) % (1 << 62)
+
+
+def resolve_schedule(config: AgentConfig, models: RoleModels, tools: Sequence[Tool]) -> str:
+    """The schedule that runs: `config.schedule`, with "auto" = continuous iff every model involved streams."""
+    involved = [models.of(r) for r in ("planner", "executor", "verifier", "generator")]
+    involved += [t.engine for t in tools if isinstance(t, BaseGenerator)]
+    streaming = all(isinstance(m, StreamingLanguageModel) for m in involved)
+    if config.schedule == "continuous" and not streaming:
+        raise ValueError(
+            "schedule='continuous' needs every role's model to implement StreamingLanguageModel "
+            "(submit/step/num_pending); use schedule='lockstep' or 'auto' for this model"
+        )
+    if config.schedule == "lockstep":
+        return "lockstep"
+    return "continuous" if streaming else "lockstep"
 
 
 @dataclass
@@ -198,6 +237,7 @@ def run_trajectories(
     tools = list(tools)
     by_name = {t.name: t for t in tools}
     budget = config.context_budget
+    schedule = resolve_schedule(config, models, tools)
 
     def role(name: str, modes: dict, mode: str, max_new_tokens: int) -> Any:
         return modes[mode](Caller(models.of(name), name, counters), budget, max_new_tokens)
@@ -218,12 +258,18 @@ def run_trajectories(
         top_k=config.top_k,
         allowed_token_ids=planner.allowed_token_ids,
     )
+    if schedule == "continuous":
+        from agentflow.scheduler import Agents, run_continuous
+
+        agents = Agents(planner, executor, verifier, generator, judge, by_name, planner_sampling)
+        return run_continuous(agents, queries, group_size, config, seed=seed, timer=timer)
 
     states = [
         _State(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
         for q in queries
         for g in range(group_size)
     ]
+    index = {id(s): k for k, s in enumerate(states)}
     live = list(states)
     step = 0
     if planner.needs_analysis:
@@ -251,7 +297,8 @@ def run_trajectories(
                     sampling = planner.caller.sampling(
                         config.planner_max_new_tokens, seed=_seed(seed, step, 0), **planner_sampling
                     )
-                    gens = planner.caller.generate([ids for _, ids in asking], sampling)
+                    seeds = [request_seed(seed, index[id(s)], step, "planner") for s, _ in asking]
+                    gens = planner.caller.generate([ids for _, ids in asking], sampling, seeds)
                     for (s, ids), g in zip(asking, gens):
                         action = planner.parse(g, s.memory)
                         turn = Turn(
@@ -269,7 +316,9 @@ def run_trajectories(
             with timer.span("executor"):
                 valid = [(s, turn, a) for s, turn, a in acted if a.valid]
                 commands = executor.commands(
-                    [(s.memory, by_name[a.tool], a.task) for s, _, a in valid], _seed(seed, step, 1)
+                    [(s.memory, by_name[a.tool], a.task) for s, _, a in valid],
+                    _seed(seed, step, 1),
+                    [request_seed(seed, index[id(s)], step, "executor") for s, _, _ in valid],
                 )
 
             # 3. tools: every call of this step together
@@ -298,7 +347,11 @@ def run_trajectories(
                     for s, _, _ in acted:
                         s.stop = "max_turns"
                 elif acted:
-                    verdicts = verifier.decide([s.memory for s, _, _ in acted], _seed(seed, step, 2))
+                    verdicts = verifier.decide(
+                        [s.memory for s, _, _ in acted],
+                        _seed(seed, step, 2),
+                        [request_seed(seed, index[id(s)], step, "verifier") for s, _, _ in acted],
+                    )
                     for (s, _, _), v in zip(acted, verdicts):
                         s.memory.steps[-1].verdict = v
                         if v == "STOP":
@@ -307,7 +360,11 @@ def run_trajectories(
 
     # generator: every final answer in one batched call
     with timer.span("generator"):
-        answers = generator.answers([s.memory for s in states], _seed(seed, step + 1, 3))
+        answers = generator.answers(
+            [s.memory for s in states],
+            _seed(seed, step + 1, 3),
+            [request_seed(seed, k, 0, "generator") for k in range(len(states))],
+        )
         for s, (raw, answer) in zip(states, answers):
             s.memory.final_output = raw
             s.traj.answer = answer
@@ -319,4 +376,4 @@ def run_trajectories(
         assert s.stop is not None, "every trajectory leaves the loop with a stop reason"
         s.traj.stop_reason = s.stop
         s.traj.memory = s.memory
-    return RolloutResult([s.traj for s in states], counters, step)
+    return RolloutResult([s.traj for s in states], counters, step, schedule="lockstep")

@@ -1,9 +1,10 @@
-"""`flowgrpo bench {kernels,step,scale,allocator}`: the instruments, each in its own module.
+"""`flowgrpo bench {kernels,step,scale,rollout,allocator}`: the instruments, each in its own module.
 
     kernels   micro-benchmarks of the fused ops against the eager reference, torch.compile and Liger
               (`bench.kernels`), with the roofline of the same run (`bench.roofline`)
     step      the phase breakdown of a few training steps of a preset, per rollout engine (`bench.step`)
     scale     a sweep of the group size G at fixed queries and hardware, until the first OOM (`bench.scale`)
+    rollout   lock-step against continuous scheduling of the four-agent loop on vLLM (`bench.rollout`)
     allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
     ceilings  copy GB/s, matmul TFLOP/s at the LM-head shapes, pinned host<->device GB/s (`bench.ceilings`)
 
@@ -20,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kernels": ("bench.kernels", "kernel micro-benchmarks: time, memory, GB/s, roofline ratio, correctness gate"),
     "step": ("bench.step", "phase breakdown of a few training steps (seconds, share, tokens/s, memory)"),
     "scale": ("bench.scale", "group-size sweep until the first out-of-memory: step time, tokens/s, memory"),
+    "rollout": ("bench.rollout", "lock-step vs continuous rollout scheduling: trajectories/s, busy fraction, latency"),
     "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
     "ceilings": ("bench.ceilings", "the device's ceilings: copy GB/s, LM-head matmul TFLOP/s, pinned copy GB/s"),
 }

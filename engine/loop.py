@@ -18,7 +18,8 @@ wake ⊃ update_weights):
     adv        group-normalised rewards broadcast to every planner turn (`engine.advantage`)
     sleep      the engine sleeps, trainer state back on the device
     pack, old_log_prob, ref, update_actor      `Trainer.update` (ref only when kl_coef > 0)
-    gap_probe  the rollout/trainer gap on `gap_probe_seqs` sequences, before and after the sync
+    gap_probe  the rollout/trainer gap on `gap_probe_seqs` sequences, before and after the sync, on
+               step 1 and every `gap_probe_every`-th step (`sync/gap_probed`; the gap keys are null otherwise)
     wake       trainer state off the device, engine weights awake, sync (update_weights), KV cache awake
     save_checkpoint    every `save_every` steps and at the last step
 
@@ -144,6 +145,7 @@ class TrainLoop:
         self.start_step, self.writer = self._restore(resume)
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
         self._queries_cache: list[Query] | None = None
+        self.rollout_queue: list | None = None  # the last rollout's queue-depth samples (for the Chrome trace)
 
     # ---- building ----
 
@@ -264,7 +266,7 @@ class TrainLoop:
             # the engine starts from the checkpoint's (or the base) weights: sync them once before step 1
             self.memory.to_rollout(weights=self.model.named_parameters)
             for step in range(self.start_step, cfg.steps + 1):
-                with step_trace(self.run_dir, step, cfg.trace_step):
+                with step_trace(self.run_dir, step, cfg.trace_step, queue=lambda: self.rollout_queue):
                     last = self.step(step)
         finally:
             self.reporter.close()
@@ -301,6 +303,7 @@ class TrainLoop:
                     timer=timer,
                 )
             stats_after = self.engine.stats()
+            self.rollout_queue = result.stats.get("queue")
             with timer.phase("adv"):
                 seqs, adv_metrics = self._sequences(result, queries)
             with timer.phase("sleep"):
@@ -311,12 +314,16 @@ class TrainLoop:
                 to_train = self.memory.to_train(timer)
             with self.memory.phase("train"):
                 train = self.trainer.update(seqs, timer=timer)
-            with timer.phase("gap_probe"):
-                gaps.update(self._stale_gap(seqs))
+            probe = cfg.gap_probe_seqs > 0 and (step == 1 or step % cfg.gap_probe_every == 0)
+            gaps["sync/gap_probed"] = float(probe)
+            if probe:
+                with timer.phase("gap_probe"):
+                    gaps.update(self._stale_gap(seqs))
             with timer.phase("wake"):
                 to_rollout = self.memory.to_rollout(weights=self.model.named_parameters, timer=timer)
-            with timer.phase("gap_probe"):
-                gaps.update(self._after_sync_gap(seqs, step))
+            if probe:
+                with timer.phase("gap_probe"):
+                    gaps.update(self._after_sync_gap(seqs, step))
 
             def record() -> dict[str, Any]:
                 return StepRecord(

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,6 +84,11 @@ STEP_KEYS: tuple[str, ...] = (
     "reward/judge_rule_matched",
     "reward/judge_asked",
     "reward/judge_unparsed",
+    "rollout/schedule",
+    "rollout/busy_fraction",
+    "rollout/engine_busy_s",
+    "rollout/latency_p50_s",
+    "rollout/latency_p90_s",
     *(
         f"adv/{k}"
         for k in (
@@ -122,6 +127,7 @@ STEP_KEYS: tuple[str, ...] = (
             "packing_efficiency",
             "zero_adv_seqs",
             "loss_impl",
+            "old_logprob_fused",
         )
     ),
     "training/rollout_logprob_diff_mean",
@@ -130,6 +136,7 @@ STEP_KEYS: tuple[str, ...] = (
     "sync/gap_stale_max",
     "sync/gap_after_mean",
     "sync/gap_after_max",
+    "sync/gap_probed",
     *(f"sync/{k}" for k in SYNC_FIELDS),
     "sleep/supported",
     "sleep/freed_bytes",
@@ -201,8 +208,11 @@ class StepRecord:
         m["step"] = self.step
         m.update(self.timings.metrics())
         m.update(rollout_metrics(self.rollout, self.group_size, *self.engine_stats))
+        role_time = self.rollout.stats.get("role_time_s")  # continuous: summed request latencies (they overlap)
         for role in ROLES:
-            m[f"rollout/time_{role}_s"] = self.timings.spans.get(role, 0.0)
+            m[f"rollout/time_{role}_s"] = (
+                (role_time or {}).get(role, 0.0) if role_time else self.timings.spans.get(role, 0.0)
+            )
         counters = self.rollout.counters
         for role in MODEL_ROLES:
             for k in ("calls", "prompt_tokens", "response_tokens"):
@@ -212,6 +222,12 @@ class StepRecord:
             m[f"helper/{k}"] = v
         for k in ("rule_matched", "asked", "unparsed"):  # the LLM judge's counts; null under the rule judge
             m[f"reward/judge_{k}"] = counters.get(f"judge_{k}")
+        gen = self.timings.phases.get("gen", 0.0)
+        before, after = self.engine_stats
+        busy_key = "busy_seconds" if "busy_seconds" in after else "generate_seconds"
+        if busy_key in after and busy_key in before:
+            m["rollout/engine_busy_s"] = after[busy_key] - before[busy_key]
+            m["rollout/busy_fraction"] = m["rollout/engine_busy_s"] / gen if gen > 0 else None
         m.update(self.advantages)
         m.update(self.train)
         m.update(self.gaps)
@@ -261,9 +277,17 @@ def rollout_metrics(result: RolloutResult, group_size: int, before: Mapping, aft
         "rollout/generated_tokens": after["generated_tokens"] - before["generated_tokens"],
         "rollout/prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
         "rollout/planner_response_tokens": sum(resp),
-        "rollout/engine_calls": after["generate_calls"] - before["generate_calls"],
+        "rollout/engine_calls": after["generate_calls"]
+        - before["generate_calls"]
+        + after.get("stream_requests", 0)
+        - before.get("stream_requests", 0),
         "rollout/loop_steps": result.loop_steps,
+        "rollout/schedule": result.schedule,
     }
+    lat = sorted(result.stats.get("trajectory_latency_s") or [])
+    if lat:  # continuous only: in lock-step every answer arrives with the last generator batch
+        m["rollout/latency_p50_s"] = lat[(len(lat) - 1) // 2]
+        m["rollout/latency_p90_s"] = lat[min(len(lat) - 1, math.ceil(0.9 * len(lat)) - 1)]
     for reason in STOP_REASONS:
         m[f"rollout/stop_reason/{reason}"] = sum(tr.stop_reason == reason for tr in trajs) / n
     return m
@@ -434,8 +458,14 @@ class ConsoleReporter:
 
 
 @contextlib.contextmanager
-def step_trace(run_dir: str | Path, step: int, trace_step: int | None) -> Iterator[Any]:
-    """Profile this step with torch.profiler when `step == trace_step`; export run_dir/trace_step_<step>.json."""
+def step_trace(
+    run_dir: str | Path, step: int, trace_step: int | None, queue: Callable[[], Sequence] | None = None
+) -> Iterator[Any]:
+    """Profile this step with torch.profiler when `step == trace_step`; export run_dir/trace_step_<step>.json.
+
+    `queue()`, called after the step, gives the rollout's queue-depth samples (seconds from the
+    rollout's start, engine requests pending, tool calls running; `RolloutResult.stats["queue"]`);
+    they are added as Chrome-trace counter events ("rollout queue") starting at the trace's `gen` range."""
     if trace_step is None or step != trace_step:
         yield None
         return
@@ -450,6 +480,21 @@ def step_trace(run_dir: str | Path, step: int, trace_step: int | None) -> Iterat
         yield prof
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     prof.export_chrome_trace(str(tmp))
+    samples = list(queue() or []) if queue is not None else []
+    if samples:
+        trace = json.loads(tmp.read_text())
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        gen = next((e for e in events if e.get("name") == "gen" and e.get("ph") == "X"), None)
+        if gen is not None:
+            pid, tid, ts0 = gen.get("pid", 0), gen.get("tid", 0), float(gen["ts"])
+            events += [
+                {"name": "rollout queue", "ph": "C", "pid": pid, "tid": tid, "ts": ts0 + t * 1e6,
+                 "args": {"engine_requests": n, "tool_calls": k}}
+                for t, n, k in samples
+            ]  # fmt: skip
+            atomic_write_bytes(path, json.dumps(trace).encode())
+            tmp.unlink()
+            return
     os.replace(tmp, path)
 
 

@@ -150,6 +150,7 @@ class RunConfig:
     gap_probe_seqs: int = 4  # sequences re-scored before / sampled after each sync (0: no probe)
     helper: HelperConfig = field(default_factory=HelperConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    gap_probe_every: int = 10  # probe on step 1 and every k-th step after (a diagnostic, not part of training)
 
     def __post_init__(self) -> None:
         if self.helper.kind == "reference" and self.trainer.kl_coef == 0:
@@ -163,6 +164,8 @@ class RunConfig:
             raise ValueError(f"save_every and keep_last must be >= 1, got {self.save_every}, {self.keep_last}")
         if self.gap_probe_seqs < 0:
             raise ValueError(f"gap_probe_seqs must be >= 0, got {self.gap_probe_seqs}")
+        if self.gap_probe_every < 1:
+            raise ValueError(f"gap_probe_every must be >= 1 (1: every step), got {self.gap_probe_every}")
         if self.trace_step is not None and self.trace_step < 1:
             raise ValueError(f"trace_step must be a step number >= 1, got {self.trace_step}")
         if self.trainer.temperature != self.agent.temperature:
@@ -198,7 +201,17 @@ class RunConfig:
 
         run = {
             k: getattr(self, k)
-            for k in ("preset", "steps", "seed", "run_dir", "save_every", "keep_last", "trace_step", "gap_probe_seqs")
+            for k in (
+                "preset",
+                "steps",
+                "seed",
+                "run_dir",
+                "save_every",
+                "keep_last",
+                "trace_step",
+                "gap_probe_seqs",
+                "gap_probe_every",
+            )
         }
         return [
             "run      " + " ".join(f"{k}={v}" for k, v in run.items()),
@@ -400,6 +413,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "context_budget": ("agent", "context_budget"),
     "mini_batches": ("trainer", "mini_batches"),
     "weight_decay": ("trainer", "weight_decay"),
+    "gap_probe_every": ("", "gap_probe_every"),
 }
 
 

@@ -155,6 +155,8 @@ class TrainBatch:
     old_logprobs: list[list[torch.Tensor]] | None = None
     ref_logprobs: list[list[torch.Tensor]] | None = None
     advantages: list[list[torch.Tensor]] | None = None  # after the optional TIS weighting
+    tis_weights: list[torch.Tensor] = field(default_factory=list)
+    on_policy_old: list[tuple[MicroBatch, torch.Tensor]] = field(default_factory=list)  # no separate old pass
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -303,7 +305,7 @@ class Trainer:
 
     def _on_policy_old(self, batch: TrainBatch, mb: MicroBatch, h, w, b) -> tuple[torch.Tensor, torch.Tensor]:
         """(old log-probs, advantages) of one micro-batch when no old pass ran: the LM-head log-probs of the
-        update's own hidden rows, detached; the gap metric and the TIS weight accumulate on `batch.metrics`."""
+        update's own hidden rows, detached, kept on `batch` for the gap and TIS metrics."""
         with torch.no_grad():
             old = self.logprob_fn(
                 h.detach(),
@@ -312,55 +314,38 @@ class Trainer:
                 bias=None if b is None else b.detach(),
                 temperature=self.config.temperature,
             ).float()
-        m = batch.metrics
-        gap = (mb.rollout_logprobs - old).abs().double()
-        n = m.get("_gap_n", 0.0) + gap.numel()
-        m["training/rollout_logprob_diff_mean"] = (
-            m.get("training/rollout_logprob_diff_mean", 0.0) * m.get("_gap_n", 0.0) + gap.sum().item()
-        ) / max(n, 1.0)
-        m["training/rollout_logprob_diff_max"] = max(m.get("training/rollout_logprob_diff_max", 0.0), gap.max().item())
-        m["_gap_n"] = n
-        if self.config.tis_cap is None:
-            return old, mb.advantages
-        wt = torch.exp(old - mb.rollout_logprobs).clamp(max=self.config.tis_cap)
-        k = m.get("_tis_n", 0.0)
-        m["actor/tis_weight_mean"] = (m.get("actor/tis_weight_mean", 0.0) * k + wt.double().sum().item()) / (
-            k + wt.numel()
-        )
-        capped = (wt >= self.config.tis_cap).double().sum().item()
-        m["actor/tis_capped_frac"] = (m.get("actor/tis_capped_frac", 0.0) * k + capped) / (k + wt.numel())
-        m["_tis_n"] = k + wt.numel()
-        return old, mb.advantages * wt
+        batch.on_policy_old.append((mb, old))
+        return old, self._weighted_advantages(batch, mb, old)
 
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
         """Old-policy log-probs (trainer recompute), the rollout/trainer gap, and the TIS-weighted advantages."""
         batch.old_logprobs = [self.compute_logprobs(mini) for mini in batch.mini_batches]
-        gaps = torch.cat(
-            [
-                (mb.rollout_logprobs - old).abs()
-                for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
-                for mb, old in zip(mini, olds)
-            ]
-        )
+        batch.advantages = [
+            [self._weighted_advantages(batch, mb, old) for mb, old in zip(mini, olds)]
+            for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
+        ]
+        self._old_logprob_metrics(batch)
+
+    def _weighted_advantages(self, batch: TrainBatch, mb: MicroBatch, old: torch.Tensor) -> torch.Tensor:
+        cap = self.config.tis_cap
+        if cap is None:
+            return mb.advantages
+        w = torch.exp(old - mb.rollout_logprobs).clamp(max=cap)
+        batch.tis_weights.append(w)
+        return mb.advantages * w
+
+    def _old_logprob_metrics(self, batch: TrainBatch) -> None:
+        """The rollout/trainer gap and the TIS weights, over every micro-batch's old log-probs."""
+        pairs = batch.on_policy_old or [
+            (mb, old) for mini, olds in zip(batch.mini_batches, batch.old_logprobs or []) for mb, old in zip(mini, olds)
+        ]
+        gaps = torch.cat([(mb.rollout_logprobs - old).abs() for mb, old in pairs])
         batch.metrics["training/rollout_logprob_diff_mean"] = gaps.double().mean().item()
         batch.metrics["training/rollout_logprob_diff_max"] = gaps.max().item()
-        cap = self.config.tis_cap
-        advs, weights = [], []
-        for mini, olds in zip(batch.mini_batches, batch.old_logprobs):
-            row = []
-            for mb, old in zip(mini, olds):
-                if cap is None:
-                    row.append(mb.advantages)
-                else:
-                    w = torch.exp(old - mb.rollout_logprobs).clamp(max=cap)
-                    weights.append(w)
-                    row.append(mb.advantages * w)
-            advs.append(row)
-        batch.advantages = advs
-        if weights:
-            w = torch.cat(weights)
+        if batch.tis_weights:
+            w = torch.cat(batch.tis_weights)
             batch.metrics["actor/tis_weight_mean"] = w.double().mean().item()
-            batch.metrics["actor/tis_capped_frac"] = (w >= cap).double().mean().item()
+            batch.metrics["actor/tis_capped_frac"] = (w >= self.config.tis_cap).double().mean().item()
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> None:
         """Reference-policy log-probs (only when kl_coef > 0)."""
@@ -502,12 +487,14 @@ class Trainer:
                 self.compute_ref_logprobs(batch)
         with timer.phase("update_actor"):
             metrics = self.train(batch)
+        if batch.on_policy_old:
+            self._old_logprob_metrics(batch)
 
         mbs = batch.micro_batches
         cfg_model = self.model.config
         fwd = sum(forward_flops(cfg_model, mb.seq_lens, mb.num_response_tokens) for mb in mbs)
         packed = sum(mb.num_tokens for mb in mbs)
-        metrics.update({k: v for k, v in batch.metrics.items() if not k.startswith("_")})
+        metrics.update(batch.metrics)
         metrics.update(
             {
                 "actor/num_seqs": float(len(batch.sequences)),
@@ -519,10 +506,7 @@ class Trainer:
                 "actor/zero_adv_seqs": float(sum(s.advantage == 0.0 for s in batch.sequences)),
                 "perf/train_flops": 3.0 * fwd * self.config.ppo_epochs,
                 "perf/logprob_flops": fwd * ((self.ref_model is not None) + self.recompute_old(batch)),
+                "actor/old_logprob_fused": float(bool(batch.on_policy_old)),
             }
         )
         return metrics
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

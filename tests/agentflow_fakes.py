@@ -136,3 +136,50 @@ class ScriptedEngine:
 
     def stats(self) -> dict[str, float]:
         return {"generate_calls": len(self.calls), "prompts": sum(len(c.prompts) for c in self.calls)}
+
+
+SEED_STRIDE = 1_000_003
+
+
+class StreamingScriptedEngine(ScriptedEngine):
+    """A deterministic `StreamingLanguageModel`: `reply(role, prompt_text, seed)`; request seeds as in vLLM
+    (prompt i of `generate` gets `seed * SEED_STRIDE + i`, a submitted request is prompt 0). A request
+    finishes after 1 + (prompt length mod `spread`) `step()` calls, so requests overtake each other."""
+
+    def __init__(self, reply: Callable[[str, str, int | None], str], spread: int = 3) -> None:
+        super().__init__(lambda role, text: "")
+        self.reply_seeded = reply
+        self.spread = spread
+        self._next = 0
+        self._queue: dict[int, tuple[list[int], SamplingConfig, int]] = {}
+        self.max_in_flight = 0
+        self.most_roles_in_flight = 0  # the most distinct roles pending at one step()
+
+    def _one(self, prompt: list[int], sampling: SamplingConfig, seed: int | None) -> Generation:
+        self.reply = lambda role, text: self.reply_seeded(role, text, seed)
+        return ScriptedEngine.generate(self, [prompt], sampling)[0]
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
+        seeds = [None if sampling.seed is None else sampling.seed * SEED_STRIDE + i for i in range(len(prompts))]
+        return [self._one(list(p), sampling, s) for p, s in zip(prompts, seeds)]
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> int:
+        self._next += 1
+        self._queue[self._next] = (list(prompt_ids), sampling, 1 + len(prompt_ids) % self.spread)
+        self.max_in_flight = max(self.max_in_flight, len(self._queue))
+        return self._next
+
+    def step(self) -> list[tuple[int, Generation]]:
+        roles = {role_of(self._tok.decode(p)) for p, _, _ in self._queue.values()}
+        self.most_roles_in_flight = max(self.most_roles_in_flight, len(roles))
+        done = []
+        for rid, (p, s, left) in list(self._queue.items()):
+            if left > 1:
+                self._queue[rid] = (p, s, left - 1)
+                continue
+            del self._queue[rid]
+            done.append((rid, self._one(p, s, None if s.seed is None else s.seed * SEED_STRIDE)))
+        return done
+
+    def num_pending(self) -> int:
+        return len(self._queue)

@@ -133,3 +133,16 @@ def test_mfu():
     assert mfu(1e12, 1.0, None) is None
     assert mfu(1e12, 0.0, 989e12) is None
     assert mfu(989e12 / 2, 1.0, 989e12) == pytest.approx(0.5)
+
+
+def test_step_trace_adds_the_rollout_queue_as_counter_events(tmp_path):
+    timer = PhaseTimer("cpu")
+    samples = [(0.0, 3, 0), (0.01, 1, 2), (0.02, 0, 1)]
+    with step_trace(tmp_path, 1, trace_step=1, queue=lambda: samples), timer.phase("gen"):
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    trace = json.loads((tmp_path / "trace_step_1.json").read_text())
+    gen = next(e for e in trace["traceEvents"] if e.get("name") == "gen" and e.get("ph") == "X")
+    counters = [e for e in trace["traceEvents"] if e.get("ph") == "C" and e["name"] == "rollout queue"]
+    assert [(e["args"]["engine_requests"], e["args"]["tool_calls"]) for e in counters] == [(3, 0), (1, 2), (0, 1)]
+    assert counters[0]["ts"] == pytest.approx(float(gen["ts"])) and counters[2]["ts"] > counters[1]["ts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace_step_1.json"]

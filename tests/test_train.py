@@ -67,6 +67,15 @@ MAY_BE_NULL = {
     "reward/judge_rule_matched",
     "reward/judge_asked",
     "reward/judge_unparsed",
+    # the gap probes run on step 1 and every gap_probe_every-th step (sync/gap_probed says which)
+    "timing_s/gap_probe",
+    "sync/gap_stale_mean",
+    "sync/gap_stale_max",
+    "sync/gap_after_mean",
+    "sync/gap_after_max",
+    # trajectory latency is measured by the continuous scheduler only (lock-step: every answer comes last)
+    "rollout/latency_p50_s",
+    "rollout/latency_p90_s",
 }
 
 
@@ -101,6 +110,12 @@ def check_lines(rows: list[dict], steps: list[int]) -> None:
         if not torch.cuda.is_available():
             assert r["perf/mfu/actor"] is None and r["perf/max_memory_allocated_gb"] is None
         assert r["actor/loss_impl"] in ("fused", "reference")
+        gap_keys = [f"sync/gap_{w}_{s}" for w in ("stale", "after") for s in ("mean", "max")] + ["timing_s/gap_probe"]
+        if r["sync/gap_probed"]:
+            assert all(r[k] is not None for k in gap_keys)
+        else:
+            assert all(r[k] is None for k in gap_keys)
+        assert r["actor/old_logprob_fused"] == 1.0 and r["timing_s/old_log_prob"] is None
 
 
 def test_two_steps_on_the_embedded_engine(tmp_path, toy_model_dir):
@@ -136,7 +151,7 @@ def test_two_steps_on_the_embedded_engine(tmp_path, toy_model_dir):
 
 def test_two_steps_on_vllm_and_the_engine_follows_the_weights(tmp_path, toy_model_dir):
     pytest.importorskip("vllm")
-    cfg = small_toy(tmp_path / "run", toy_model_dir, "vllm")
+    cfg = small_toy(tmp_path / "run", toy_model_dir, "vllm", gap_probe_every=1)
     loop = TrainLoop(cfg)
     assert loop.engine_name == "vllm"
     loop.run()

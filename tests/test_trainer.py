@@ -464,3 +464,38 @@ def test_load_planner_errors_name_the_path(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"has no \*.safetensors"):
         load_planner(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("impl,tis_cap", [("reference", None), ("reference", 1.5), ("fused", 1.5)])
+def test_on_policy_old_logprobs_from_the_update_forward_equal_a_separate_pass(impl, tis_cap):
+    """One optimizer step per rollout: the update's own forward gives the old log-probs; same step as a separate pass."""
+    seqs = make_sequences(7, seed=21)
+    cfg = TrainerConfig(loss_impl=impl, kl_coef=0.0, tis_cap=tis_cap, micro_batch_tokens=48, lr=1e-2)
+    separate, fused = small_model(seed=20), small_model(seed=20)
+    t_sep, t_fused = Trainer(separate, cfg), Trainer(fused, cfg)
+    batch = t_sep.prepare(seqs)
+    assert not t_sep.recompute_old(batch) and len(batch.micro_batches) > 1
+    t_sep.compute_old_logprobs(batch)
+    m_sep = {**t_sep.train(batch), **batch.metrics}
+    m_fused = t_fused.update(seqs)
+    assert m_fused["actor/old_logprob_fused"] == 1.0
+    for key in (
+        "actor/loss",
+        "actor/pg_loss",
+        "actor/ratio_max",
+        "actor/grad_norm",
+        "training/rollout_logprob_diff_mean",
+    ):
+        assert m_fused[key] == pytest.approx(m_sep[key], rel=1e-5, abs=1e-6), key
+    if tis_cap is not None:
+        assert m_fused["actor/tis_weight_mean"] == pytest.approx(m_sep["actor/tis_weight_mean"], rel=1e-6)
+    for (name, a), b in zip(separate.named_parameters(), fused.parameters()):
+        assert_close(b, a, dtype=torch.float32, name=name)
+
+
+def test_several_optimizer_steps_keep_the_separate_old_logprob_pass():
+    seqs = make_sequences(6, seed=22)
+    trainer = Trainer(small_model(seed=23), TrainerConfig(loss_impl="reference", kl_coef=0.0, ppo_epochs=2))
+    assert trainer.update(seqs)["actor/old_logprob_fused"] == 0.0
+    with pytest.raises(ValueError, match="compute_old_logprobs"):
+        trainer.accumulate_gradients(trainer.prepare(seqs))

