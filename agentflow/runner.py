@@ -258,11 +258,18 @@ def run_trajectories(
         top_k=config.top_k,
         allowed_token_ids=planner.allowed_token_ids,
     )
+    analyses: dict[str, str] = {}  # one query analysis per distinct question, before any trajectory starts
+    if planner.needs_analysis:
+        with timer.span("analysis"):
+            analyzer = QueryAnalyzer(
+                Caller(models.of("analysis"), "analysis", counters), budget, config.analysis_max_new_tokens, tools
+            )
+            analyses = analyzer.analyze([q.question for q in queries], _seed(seed, 0, 4))
     if schedule == "continuous":
         from agentflow.scheduler import Agents, run_continuous
 
         agents = Agents(planner, executor, verifier, generator, judge, by_name, planner_sampling)
-        return run_continuous(agents, queries, group_size, config, seed=seed, timer=timer)
+        return run_continuous(agents, queries, group_size, config, seed=seed, timer=timer, analyses=analyses)
 
     states = [
         _State(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
@@ -272,14 +279,8 @@ def run_trajectories(
     index = {id(s): k for k, s in enumerate(states)}
     live = list(states)
     step = 0
-    if planner.needs_analysis:
-        with timer.span("analysis"):
-            analyzer = QueryAnalyzer(
-                Caller(models.of("analysis"), "analysis", counters), budget, config.analysis_max_new_tokens, tools
-            )
-            analyses = analyzer.analyze([q.question for q in queries], _seed(seed, 0, 4))
-            for s in states:
-                s.memory.analysis = analyses[s.query.question]
+    for s in states:
+        s.memory.analysis = analyses.get(s.query.question, "")
     with cf.ThreadPoolExecutor(max_workers=config.tool_workers) as pool:
         while live:
             step += 1

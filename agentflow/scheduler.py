@@ -128,14 +128,14 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
             tool = a.tools[action.tool]
             ex = a.executor
             if isinstance(ex, LLMExecutor):
-                ids = ex.prompt(*LLMExecutor.user(s.memory, tool, action.sub_goal))
+                ids = ex.prompt(*LLMExecutor.user(s.memory, tool, action.task))
                 text = None
                 if ids is not None:
                     sampling = ex.caller.sampling(ex.max_new_tokens, seed=request_seed(seed, k, turn, "executor"))
                     text = (yield _Ask("executor", ex.caller.engine, ids, sampling)).text
                 command, err = LLMExecutor.parse(text)
             else:
-                command, err = ex.commands([(s.memory, tool, action.sub_goal)], None)[0]
+                command, err = ex.commands([(s.memory, tool, action.task)], None)[0]
             if err:
                 result = ToolResult(False, f"error: {err}")
             elif isinstance(tool, BaseGenerator):
@@ -149,7 +149,7 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
             s.memory.steps.append(Step(True, action.sub_goal, action.tool, command, text, result.ok))
         else:
             t.tool_result = f"invalid planner output: {action.error}"
-            s.memory.steps.append(Step(False, error=action.error))
+            s.memory.steps.append(Step(False, action.sub_goal, action.tool, error=action.error))
         if turn >= config.max_turns:
             s.stop = "max_turns"
             break
@@ -189,10 +189,17 @@ def run_continuous(
     *,
     seed: int | None = None,
     timer: Timer = NO_TIMER,
+    analyses: dict[str, str] | None = None,
 ) -> RolloutResult:
-    """Run `group_size` trajectories per query, each advancing on its own (see the module docstring)."""
+    """Run `group_size` trajectories per query, each advancing on its own (see the module docstring);
+    `analyses`: the query analysis per question when the planner format asks for one."""
+    analyses = analyses or {}
     states = [
-        _Traj(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
+        _Traj(
+            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer),
+            q,
+            Memory(query=q.question, analysis=analyses.get(q.question, "")),
+        )
         for q in queries
         for g in range(group_size)
     ]
