@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from engine.logprob_gap import logprob_gap
+from engine.model import UnsupportedArchitecture, check_architecture
 from engine.rollout.protocol import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--model {str(path)!r} is not an HF model directory (no config.json); "
             f"build a tiny one with `flowgrpo make-tiny {path}`"
         )
+    check_architecture(path)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -223,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsupportedArchitecture) as e:
         print(f"flowgrpo check-sync: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from engine.memory import explain_oom, is_oom
+from engine.model import check_architecture
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport
 from engine.rollout.weight_buckets import pack_buckets
 
@@ -230,6 +231,7 @@ class VLLMEngine:
             )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{str(path)!r} has no config.json, so it is not an HF model directory")
+        check_architecture(path)
         on_cuda = torch.cuda.is_available()
         if kv_cache_bytes is None and gpu_memory_utilization is None:
             if on_cuda:
