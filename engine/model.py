@@ -1,5 +1,8 @@
 """The planner model: loading from a local HF directory, architecture presets, and the packed forward.
 
+- Supported architectures (`SUPPORTED_ARCHITECTURES`): Qwen2 and Llama (SmolLM2), tied or untied LM
+  head; `check_model_dir` / `check_architecture` reject any other `model_type` in one line naming them,
+  before anything is loaded (the packed attention, fused loss and weight sync are tested on these two).
 - `load_planner(path, dtype=, device=)` loads a causal LM from a local Hugging Face directory
   (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
   needed; the host copy is already in `dtype`), with the packed-aware attention of
