@@ -126,6 +126,12 @@ def write_model_dir(model: Any, tokenizer: Any, tmp: Path, dtype: torch.dtype, p
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
+    if (
+        tied
+        and "lm_head.weight" in state
+        and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    ):
+        raise MakeModelError("the config ties the LM head to the embedding but the loaded tensors differ")
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(state):
         if tied and name == "lm_head.weight":
