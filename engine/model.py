@@ -1,5 +1,8 @@
 """The planner model: loading from a local HF directory, architecture presets, and the packed forward.
 
+- Supported architectures (`SUPPORTED_ARCHITECTURES`): Qwen2 and Llama (SmolLM2), tied or untied LM
+  head; `check_model_dir` / `check_architecture` reject any other `model_type` in one line naming them,
+  before anything is loaded (the packed attention, fused loss and weight sync are tested on these two).
 - `load_planner(path, dtype=, device=)` loads a causal LM from a local Hugging Face directory
   (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
   needed; the host copy is already in `dtype`), with the packed-aware attention of
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 
 from engine.attention import enable_packed_attention
 from engine.packing import MicroBatch
+from engine.preflight import SUPPORTED_ARCHITECTURES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,8 +43,30 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
 
 
+class UnsupportedArchitecture(ValueError):
+    """A model whose architecture the packed attention, fused loss, rollout and sync paths are not tested on."""
+
+
+def check_architecture(path: str | Path) -> str:
+    """The `model_type` of the HF directory's config.json if flowgrpo supports it; else a one-line error."""
+    p = Path(path) / "config.json"
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read {p} ({e}); pass a Hugging Face model directory") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedArchitecture(
+            f"{p.parent}: architecture {model_type!r} ({', '.join(config.get('architectures') or ['?'])}) "
+            f"is not supported; supported: {names}"
+        )
+    return model_type
+
+
 def check_model_dir(path: str | Path) -> Path:
-    """The directory as a Path if it holds an HF model (config.json + safetensors); else a clear error."""
+    """The directory as a Path if it holds an HF model (config.json + safetensors) of a supported
+    architecture; else a clear error."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(
@@ -56,6 +83,7 @@ def check_model_dir(path: str | Path) -> Path:
             f"model directory {p} has no *.safetensors weights (found: {found}); save the model with "
             f"`save_pretrained(..., safe_serialization=True)`"
         )
+    check_architecture(p)
     return p
 
 
@@ -193,13 +221,13 @@ def attach_packed_forward(model) -> None:
 def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
     """Last hidden states [T, d] (after the final norm) of the packed micro-batch; attention stays within sequences."""
     enable_packed_attention(model)
-    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
     out = model.base_model(
         input_ids=mb.input_ids.unsqueeze(0),
         position_ids=mb.position_ids.unsqueeze(0),
-        # A prepared (empty) mask per layer type: transformers builds no [T, T] mask; the attention
-        # function bounds each sequence with cu_seqlens instead.
-        attention_mask=dict.fromkeys(set(layer_types)),
+        # An empty 4-D mask: transformers' mask builders (Qwen2's per-layer-type mapping and Llama's
+        # create_causal_mask alike) return a 4-D mask as prepared, so no [T, T] mask is built; the
+        # attention function ignores it and bounds each sequence with cu_seqlens instead.
+        attention_mask=torch.ones((1, 1, 0, 0), dtype=torch.bool, device=mb.input_ids.device),
         use_cache=False,
         cu_seq_lens_q=mb.cu_seqlens,
         cu_seq_lens_k=mb.cu_seqlens,

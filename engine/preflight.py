@@ -31,8 +31,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-# model_type -> architecture class: what the packed trainer forward has been tested with
-SUPPORTED_ARCHITECTURES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM"}
+# model_type -> architecture class: what packed attention, the fused loss, rollout and sync are tested on
+SUPPORTED_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 

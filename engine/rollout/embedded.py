@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from engine.model import check_architecture
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.sampling import processed_logprobs
 
@@ -104,6 +105,7 @@ class EmbeddedEngine:
                 f"{str(path)!r} has no config.json, so it is not an HF model directory; "
                 f"point at the directory holding config.json, model.safetensors and the tokenizer files"
             )
+        check_architecture(path)
         if isinstance(dtype, str) and dtype != "auto":
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from engine.device_memory import explain_oom, is_oom
+from engine.model import check_architecture
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.weight_buckets import pack_buckets
 
@@ -85,6 +86,25 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 out[key] = tuple(f.get_slice(key).get_shape())
     return out
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str = "auto") -> int:
+    """KV-cache bytes one token takes: 2 (K and V) x layers x KV heads x head_dim x element size."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    if dtype == "auto":
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    size = 4 if dtype == "float32" else 2
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * size
+
+
+def cpu_default_kv_bytes(model_dir: str | Path, dtype: str, max_model_len: int) -> int:
+    """The CPU default KV cache: CPU_DEFAULT_KV_BYTES, raised to hold two sequences of max_model_len
+    (vLLM refuses to start when one does not fit; SmolLM2-135M in float32 needs 94 MB for 2048 tokens)."""
+    need = 2 * max_model_len * kv_bytes_per_token(model_dir, dtype)
+    return max(CPU_DEFAULT_KV_BYTES, (need + (1 << 20) - 1) >> 20 << 20)
 
 
 def _worker_device(worker: Any) -> str:
@@ -233,7 +253,8 @@ class VLLMEngine:
     ) -> VLLMEngine:
         """Build the engine from a local HF directory. Extra keyword arguments go to `vllm.LLM`.
 
-        KV-cache size: on CPU `kv_cache_bytes` (default 64 MiB; `gpu_memory_utilization` there is a
+        KV-cache size: on CPU `kv_cache_bytes` (default `cpu_default_kv_bytes`: 64 MiB, or two
+        max_model_len sequences where that is more; `gpu_memory_utilization` there is a
         fraction of host memory); on CUDA `gpu_memory_utilization` (default 0.5, the trainer needs the rest)
         or `kv_cache_bytes`.
         """
@@ -245,12 +266,13 @@ class VLLMEngine:
             )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{str(path)!r} has no config.json, so it is not an HF model directory")
+        check_architecture(path)
         on_cuda = torch.cuda.is_available()
         if kv_cache_bytes is None and gpu_memory_utilization is None:
             if on_cuda:
                 gpu_memory_utilization = CUDA_DEFAULT_GPU_MEMORY_UTILIZATION
             else:
-                kv_cache_bytes = CPU_DEFAULT_KV_BYTES
+                kv_cache_bytes = cpu_default_kv_bytes(path, dtype, max_model_len)
         config = VLLMEngineConfig(
             model_dir=str(path),
             dtype=dtype,
