@@ -267,7 +267,7 @@ def _bad_inputs(tmp_path: Path, model: str) -> dict[str, tuple[list[str], str]]:
         "data without answer": ([*m, "--data", data("noanswer.jsonl", '{"question": "1+1"}\n')], "noanswer.jsonl:1: missing field 'answer'"),
         "corrupt config.json": (["--model", str(bad_config)], "config.json:2: invalid JSON"),
         "truncated safetensors": (["--model", str(truncated)], "model.safetensors is truncated"),
-        "unsupported architecture": (["--model", str(gpt2)], "'gpt2' (GPT2LMHeadModel) is not supported by the trainer; supported: Qwen2ForCausalLM (qwen2)"),
+        "unsupported architecture": (["--model", str(gpt2)], "'gpt2' (GPT2LMHeadModel) is not supported by the trainer; supported: LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2)"),
         "micro-batch below a planner turn": ([*m, "--micro-batch-tokens", "100"], "--micro-batch-tokens 100 is smaller than one planner turn, which can reach 512 tokens"),
         "cuda without a GPU": ([*m, "--device", "cuda"], "--device cuda: "),
         "run dir is a file": ([*m, "--run-dir", str(a_file)], f"--run-dir {a_file} is a file"),
