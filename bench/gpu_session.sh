@@ -216,7 +216,7 @@ run_capped() { # run_capped STAGE CAP COMMAND...: the command under `timeout`, o
 }
 
 IMPORTS="torch triton transformers safetensors tokenizers numpy matplotlib pynvml rich pytest pytest_benchmark
-  liger_kernel.chunked_loss kernels engine.loop engine.allocator engine.memory bench.kernels bench.step bench.scale
+  liger_kernel.chunked_loss kernels engine.loop engine.allocator engine.device_memory engine.parallelize bench.kernels bench.step bench.scale
   bench.allocator bench.ceilings"
 
 setup_steps() { # setup_steps DRY WHEEL...: nvidia-smi, wheels, library, imports; DRY=1 checks instead
