@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(PIP_EXTRA)
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 STAMP := $(VENV)/.flowgrpo-$(if $(HAS_GPU),gpu,cpu)
-PRESET ?= tiny
+PRESET ?= toy
+STEPS ?= 30
 PYTEST_ARGS ?=
 
 SMOLLM2 ?= models/smollm2-135m-instruct
@@ -19,7 +20,7 @@ SMOLLM2 ?= models/smollm2-135m-instruct
 .PHONY: run test install build lint clean wheels model
 
 run: install
-	$(VENV)/bin/flowgrpo train --preset $(PRESET)
+	$(VENV)/bin/flowgrpo train --preset $(PRESET) --steps $(STEPS)
 
 test: install build
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
