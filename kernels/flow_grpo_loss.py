@@ -372,8 +372,11 @@ def flow_grpo_loss_fwd(
     temperature: float,
     params: TokenLossParams,
 ) -> torch.Tensor:
-    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 contiguous [N])."""
+    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 [N], any stride)."""
     logits = _unit_stride(logits)
+    # the kernel indexes every per-token input by row at unit stride
+    targets, old_logprobs, advantages, weights = (x.contiguous() for x in (targets, old_logprobs, advantages, weights))
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
     n, v = logits.shape
     stats = output_buffer((len(STATS), n), dtype=torch.float32, device=logits.device)
     block_v, num_warps = launch_config(v, logits.dtype, is_interpreted(_flow_grpo_loss_fwd_kernel))

@@ -117,14 +117,17 @@ def linear_flow_grpo_loss_fwd(
     temperature: float,
     params: TokenLossParams,
 ) -> torch.Tensor:
-    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 contiguous [N])."""
+    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 [N], any stride)."""
+    # the kernel indexes every per-token input by row at unit stride
+    targets, old_logprobs, advantages, weights = (x.contiguous() for x in (targets, old_logprobs, advantages, weights))
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
     part = linear_token_logprobs_partials(hidden, weight, bias, targets, temperature=temperature)
     n, v = hidden.shape[0], weight.shape[0]
     stats = output_buffer((len(STATS), n), dtype=torch.float32, device=hidden.device)
     has_ref = ref_logprobs is not None
     _linear_flow_grpo_loss_fwd_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         part,
-        targets.contiguous(),
+        targets,
         old_logprobs,
         advantages,
         ref_logprobs if has_ref else old_logprobs,

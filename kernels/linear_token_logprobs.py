@@ -486,6 +486,7 @@ def linear_token_logprobs_bwd(
     """Triton backward: (d hidden, d weight, d bias) in the input dtype (None where not in `needs`)
     for per-row coefficients g on logp and h on H (or None)."""
     hidden, weight, targets = _unit_stride_d(hidden), _unit_stride_d(weight), targets.contiguous()
+    lse = lse.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -496,7 +497,7 @@ def linear_token_logprobs_bwd(
     g = g.to(torch.float32).contiguous()
     has_h = h is not None
     if has_h:
-        h = h.to(torch.float32).contiguous()
+        h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
     cfg = linear_launch(n, v, hidden.dtype, dev, is_interpreted(_linear_token_logprobs_bwd_kernel))
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     _linear_token_logprobs_bwd_kernel[grid](

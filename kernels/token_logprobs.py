@@ -177,7 +177,7 @@ def token_logprobs_fwd(
     logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Triton forward: float32 (logp [N], entropy [N] or None, lse [N]); rows with bad input give NaN/inf."""
-    logits = _unit_stride(logits)
+    logits, targets = _unit_stride(logits), targets.contiguous()  # the kernel reads targets[row] at unit stride
     n, v = logits.shape
     logp = output_buffer((n,), dtype=torch.float32, device=logits.device)
     lse = output_buffer((n,), dtype=torch.float32, device=logits.device)
@@ -214,13 +214,13 @@ def token_logprobs_bwd(
 
     With `inplace=True` the gradient overwrites `logits` and `logits` is returned.
     """
-    logits = _unit_stride(logits)
+    logits, targets, lse = _unit_stride(logits), targets.contiguous(), lse.contiguous()
     n, v = logits.shape
     dlogits = logits if inplace else output_buffer((n, v), dtype=logits.dtype, device=logits.device)
     g = g.to(torch.float32).contiguous()
     has_h = h is not None
     if has_h:
-        h = h.to(torch.float32).contiguous()
+        h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
     block_v, num_warps = launch_config(v, logits.dtype, is_interpreted(_token_logprobs_bwd_kernel))
     _token_logprobs_bwd_kernel[(n,)](
         logits,
