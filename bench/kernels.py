@@ -66,7 +66,7 @@ DEFAULT_SHAPES = {
     "cuda": "4096x32000,8192x151936,qwen2.5-1.5b,qwen2.5-7b",
 }
 SEQ_LEN = 256  # tokens per sequence in the loss inputs
-LOSS_KWARGS = {"kl_coef": 0.001, "kl_type": "k3", "entropy_coef": 0.0, "clip_ratio_c": 3.0, "temperature": 1.0}
+LOSS_CONFIG = kernels.LossConfig(kl_coef=0.001, kl_type="k3", entropy_coef=0.0, clip_ratio_c=3.0, temperature=1.0)
 LOGITS_DIMS = ("N", "V")
 LINEAR_DIMS = ("N", "d", "V")
 
@@ -167,7 +167,7 @@ def _loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
     def run(inp: Inputs) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         logits = inp["logits"]
         logits.grad = None
-        out = fn(**inp, **LOSS_KWARGS)
+        out = fn(**inp, config=LOSS_CONFIG)
         out.loss.backward()
         return out.loss.detach(), out.metrics, logits.grad
 
@@ -187,7 +187,7 @@ def _linear_loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
         hidden, weight = inp["hidden"], inp["weight"]
         hidden.grad = weight.grad = None
         rest = {k: x for k, x in inp.items() if k not in ("hidden", "weight", "targets")}
-        out = fn(hidden, weight, inp["targets"], **rest, **LOSS_KWARGS)
+        out = fn(hidden, weight, inp["targets"], **rest, config=LOSS_CONFIG)
         out.loss.backward()
         return out.loss.detach(), out.metrics, (hidden.grad, weight.grad)
 
@@ -198,8 +198,12 @@ def _materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return kernels.token_logprobs(F.linear(hidden, weight), targets)
 
 
-def _materialized_loss(hidden, weight, targets, old_logprobs, advantages, loss_mask, **kwargs) -> kernels.LossOutput:
-    return kernels.flow_grpo_loss(F.linear(hidden, weight), targets, old_logprobs, advantages, loss_mask, **kwargs)
+def _materialized_loss(
+    hidden, weight, targets, old_logprobs, advantages, loss_mask, config, **kwargs
+) -> kernels.LossOutput:
+    return kernels.flow_grpo_loss(
+        F.linear(hidden, weight), targets, old_logprobs, advantages, loss_mask, config, **kwargs
+    )
 
 
 def _float32_inputs(provider: Provider) -> Provider:
@@ -273,13 +277,13 @@ def _liger_linear_loss_provider() -> Provider | None:
         device = hidden.device
         if str(device) not in cache:
             cache[str(device)] = LigerFusedLinearGRPOLoss(
-                beta=LOSS_KWARGS["kl_coef"],
+                beta=LOSS_CONFIG.kl_coef,
                 epsilon_low=0.2,
                 epsilon_high=0.3,
                 loss_type="bnpo",
                 use_ref_model=True,
                 compiled=device.type == "cuda",
-                temperature=LOSS_KWARGS["temperature"],
+                temperature=LOSS_CONFIG.temperature,
             )
         n, d = hidden.shape
         starts = inp["cu_seqlens"][:-1].long()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gold import gold_linear, gold_logprobs, gold_loss, make_inputs, make_linear_inputs
+from gold import gold_linear, gold_logprobs, gold_loss, loss_args, make_inputs, make_linear_inputs
 
 from kernels import flow_grpo_loss, linear_flow_grpo_loss, linear_token_logprobs, token_logprobs
 from kernels.testing import assert_close
@@ -112,7 +112,7 @@ def test_flow_grpo_loss(impl, dtype):
     results = []
     for x, args in ((logits, inp), (padded(logits), per_token_strided(inp, V))):
         leaf = x.detach().requires_grad_()
-        out = flow_grpo_loss(leaf, **args, **LOSS, temperature=T, impl=impl)
+        out = flow_grpo_loss(leaf, **args, **loss_args(**LOSS, temperature=T), impl=impl)
         out.loss.backward()
         results.append((out, leaf.grad))
     g_loss, g_metrics, g_grad = gold_loss(logits, **inp, **LOSS, temperature=T)
@@ -181,7 +181,9 @@ def test_linear_flow_grpo_loss(impl, dtype, layout):
         (linear_layout(layout, hidden, weight, bias), per_token_strided(inp, V)),
     ):
         leaves = [x.detach().requires_grad_() for x in (h, w, b)]
-        out = linear_flow_grpo_loss(leaves[0], leaves[1], bias=leaves[2], **args, **LOSS, temperature=T, impl=impl)
+        out = linear_flow_grpo_loss(
+            leaves[0], leaves[1], bias=leaves[2], **args, **loss_args(**LOSS, temperature=T), impl=impl
+        )
         results.append((out, linear_grads(leaves, [out.loss])))
     g_loss, g_metrics, g_grads = gold_linear(gold_loss, hidden, weight, bias, **inp, **LOSS, temperature=T)
     (c_out, c_grads), (s_out, s_grads) = results
