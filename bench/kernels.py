@@ -534,9 +534,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the result JSON (default path: bench/results/<device>-<date>.json)",
     )
     parser.add_argument("--compare", default=None, metavar="OLD.json", help="print speed-ups against a saved result")
+    parser.add_argument(
+        "--compile-report",
+        action="store_true",
+        help="instead of timing: compile every Triton kernel as its wrapper launches it for sm_90 (no GPU needed) and "
+        "print registers, spills, shared memory and tensor-core use (bench.compile_report); --dtype restricts it",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.compile_report:
+        from bench import compile_report
+
+        return compile_report.main(None if args.dtype is None else (DTYPES[args.dtype],))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
