@@ -36,6 +36,12 @@ shapes of its rank.
 
 Prints the conditions (device, driver, versions, commit), the roofline, a table, the comparison when
 asked, then one JSON line with all of it; `--save` writes that JSON to bench/results/.
+
+    flowgrpo bench kernels --compile-report [--dtype bfloat16]
+
+times nothing: it compiles every Triton kernel as its wrapper launches it for sm_90, without a GPU,
+and prints registers, spills, shared memory and tensor-core use (`bench.compile_report`); exit 1 on
+a spill in a bfloat16 configuration or more than 228 KiB of shared memory.
 """
 
 from __future__ import annotations
