@@ -36,6 +36,12 @@ shapes of its rank.
 
 Prints the conditions (device, driver, versions, commit), the roofline, a table, the comparison when
 asked, then one JSON line with all of it; `--save` writes that JSON to bench/results/.
+
+    flowgrpo bench kernels --compile-report [--dtype bfloat16]
+
+times nothing: it compiles every Triton kernel as its wrapper launches it for sm_90, without a GPU,
+and prints registers, spills, shared memory and tensor-core use (`bench.compile_report`); exit 1 on
+a spill in a bfloat16 configuration or more than 228 KiB of shared memory.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ DEFAULT_SHAPES = {
     "cuda": "4096x32000,8192x151936,qwen2.5-1.5b,qwen2.5-7b",
 }
 SEQ_LEN = 256  # tokens per sequence in the loss inputs
-LOSS_KWARGS = {"kl_coef": 0.001, "kl_type": "k3", "entropy_coef": 0.0, "clip_ratio_c": 3.0, "temperature": 1.0}
+LOSS_CONFIG = kernels.LossConfig(kl_coef=0.001, kl_type="k3", entropy_coef=0.0, clip_ratio_c=3.0, temperature=1.0)
 LOGITS_DIMS = ("N", "V")
 LINEAR_DIMS = ("N", "d", "V")
 
@@ -167,7 +173,7 @@ def _loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
     def run(inp: Inputs) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         logits = inp["logits"]
         logits.grad = None
-        out = fn(**inp, **LOSS_KWARGS)
+        out = fn(**inp, config=LOSS_CONFIG)
         out.loss.backward()
         return out.loss.detach(), out.metrics, logits.grad
 
@@ -187,7 +193,7 @@ def _linear_loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
         hidden, weight = inp["hidden"], inp["weight"]
         hidden.grad = weight.grad = None
         rest = {k: x for k, x in inp.items() if k not in ("hidden", "weight", "targets")}
-        out = fn(hidden, weight, inp["targets"], **rest, **LOSS_KWARGS)
+        out = fn(hidden, weight, inp["targets"], **rest, config=LOSS_CONFIG)
         out.loss.backward()
         return out.loss.detach(), out.metrics, (hidden.grad, weight.grad)
 
@@ -198,8 +204,12 @@ def _materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return kernels.token_logprobs(F.linear(hidden, weight), targets)
 
 
-def _materialized_loss(hidden, weight, targets, old_logprobs, advantages, loss_mask, **kwargs) -> kernels.LossOutput:
-    return kernels.flow_grpo_loss(F.linear(hidden, weight), targets, old_logprobs, advantages, loss_mask, **kwargs)
+def _materialized_loss(
+    hidden, weight, targets, old_logprobs, advantages, loss_mask, config, **kwargs
+) -> kernels.LossOutput:
+    return kernels.flow_grpo_loss(
+        F.linear(hidden, weight), targets, old_logprobs, advantages, loss_mask, config, **kwargs
+    )
 
 
 def _float32_inputs(provider: Provider) -> Provider:
@@ -273,13 +283,13 @@ def _liger_linear_loss_provider() -> Provider | None:
         device = hidden.device
         if str(device) not in cache:
             cache[str(device)] = LigerFusedLinearGRPOLoss(
-                beta=LOSS_KWARGS["kl_coef"],
+                beta=LOSS_CONFIG.kl_coef,
                 epsilon_low=0.2,
                 epsilon_high=0.3,
                 loss_type="bnpo",
                 use_ref_model=True,
                 compiled=device.type == "cuda",
-                temperature=LOSS_KWARGS["temperature"],
+                temperature=LOSS_CONFIG.temperature,
             )
         n, d = hidden.shape
         starts = inp["cu_seqlens"][:-1].long()
@@ -531,9 +541,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compare", default=None, metavar="OLD.json", help="print speed-ups against a saved result")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, measure nothing")
+    parser.add_argument(
+        "--compile-report",
+        action="store_true",
+        help="instead of timing: compile every Triton kernel as its wrapper launches it for sm_90 (no GPU needed) and "
+        "print registers, spills, shared memory and tensor-core use (bench.compile_report); --dtype restricts it",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.compile_report:
+        from bench import compile_report
+
+        return compile_report.main(None if args.dtype is None else (DTYPES[args.dtype],))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -40,7 +40,7 @@ distribution. A response token outside the set is an error (the sampling and the
 
 Loss implementations: "fused" calls `kernels.linear_flow_grpo_loss` / `kernels.linear_token_logprobs`
 (never materialise [N, V]); "reference" calls the plain-torch definitions in `kernels.reference`.
-Both are imported when the trainer is built, so this module loads without the kernels.
+Both take the loss hyperparameters as one `kernels.LossConfig` (`TrainerConfig.loss`).
 """
 
 from __future__ import annotations
@@ -59,17 +59,21 @@ from engine.attention import enable_packed_attention
 from engine.model import attach_packed_forward, flops_per_token, forward_flops, lm_head_weight, resolve_dtype
 from engine.packing import MicroBatch, TrainSequence, pack
 from engine.parallelize import SINGLE, DataParallel
+from kernels import LossConfig
 
 __all__ = ["TrainBatch", "Trainer", "TrainerConfig", "flops_per_token"]
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_TYPES = ("k1", "k2", "k3")
 LOSS_IMPLS = ("fused", "reference")
 
 
 @dataclass
 class TrainerConfig:
-    """Optimisation and loss settings (AgentFlow defaults: lr 1e-6, clip 0.2/0.3, k3 KL at 0.001, token-mean)."""
+    """Optimisation and loss settings (AgentFlow defaults: lr 1e-6, clip 0.2/0.3, k3 KL at 0.001, token-mean).
+
+    The loss fields (those of `kernels.LossConfig`: temperature, clip_low, clip_high, clip_ratio_c,
+    kl_type, kl_coef, entropy_coef, loss_agg) are validated by `LossConfig` and reach the loss as
+    `self.loss`, one frozen `LossConfig`.
+    """
 
     lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
@@ -108,13 +112,6 @@ class TrainerConfig:
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
             (self.mini_batches >= 1, f"mini_batches must be >= 1, got {self.mini_batches}"),
             (self.micro_batch_tokens >= 2, f"micro_batch_tokens must be >= 2, got {self.micro_batch_tokens}"),
-            (0 <= self.clip_low < 1, f"clip_low must be in [0, 1), got {self.clip_low}"),
-            (self.clip_high >= 0, f"clip_high must be >= 0, got {self.clip_high}"),
-            (self.clip_ratio_c is None or self.clip_ratio_c > 1, f"clip_ratio_c must be > 1, got {self.clip_ratio_c}"),
-            (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
-            (self.kl_type in KL_TYPES, f"kl_type must be one of {KL_TYPES}, got {self.kl_type!r}"),
-            (self.loss_agg in LOSS_AGGS, f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.tis_cap is None or self.tis_cap > 0, f"tis_cap must be > 0 or None, got {self.tis_cap}"),
             (self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
@@ -124,6 +121,12 @@ class TrainerConfig:
                 raise ValueError(msg)
         if self.compute_dtype is not None:
             resolve_dtype(self.compute_dtype)
+        _ = self.loss  # LossConfig validates the loss fields (one line naming a bad one)
+
+    @property
+    def loss(self) -> LossConfig:
+        """The loss hyperparameters as the kernels' frozen, validated `LossConfig`."""
+        return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
 
 
 def loss_functions(impl: str) -> tuple[Callable, Callable]:
@@ -195,11 +198,12 @@ class Trainer:
         self.config = config
         self.dp = dp
         attach_packed_forward(model)
+        self.loss_config = config.loss
         self.loss_fn, self.logprob_fn = loss_functions(config.loss_impl)
         enable_packed_attention(model)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.kl_coef == 0.0:
+        if self.loss_config.kl_coef == 0.0:
             if ref_model is not None:
                 raise ValueError("ref_model given but kl_coef = 0: the reference policy would never be used")
             self.ref_model = None
@@ -294,7 +298,7 @@ class Trainer:
 
                 def head(h, w, b, mb=mb):
                     h, w, b = self._head(h, w, b)
-                    return self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.config.temperature)
+                    return self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.loss_config.temperature)
 
                 out.append(model.packed_forward(mb, head).float())
         return out
@@ -312,7 +316,7 @@ class Trainer:
                 w.detach(),
                 self._targets(mb),
                 bias=None if b is None else b.detach(),
-                temperature=self.config.temperature,
+                temperature=self.loss_config.temperature,
             ).float()
         batch.on_policy_old.append((mb, old))
         return old, self._weighted_advantages(batch, mb, old)
@@ -363,12 +367,11 @@ class Trainer:
         """
         if (batch.old_logprobs is None or batch.advantages is None) and self.recompute_old(batch):
             raise ValueError("compute_old_logprobs(batch) must run before an update of more than one optimizer step")
-        if self.config.kl_coef > 0 and batch.ref_logprobs is None:
+        if self.loss_config.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0: compute_ref_logprobs(batch) must run before the update")
-        cfg = self.config
         mbs = batch.mini_batches[mini]
         # the global denominators: over every rank's micro-batches of this mini-batch
-        token_mean = cfg.loss_agg == "token-mean"
+        token_mean = self.loss_config.loss_agg == "token-mean"
         total_tokens = self.dp.all_sum(sum(mb.num_response_tokens for mb in mbs))
         total_seqs = self.dp.all_sum(sum(mb.num_seqs for mb in mbs))
         acc = {"loss": 0.0, "tokens": 0.0, "ratio_max": -math.inf}
@@ -388,17 +391,10 @@ class Trainer:
                     old,
                     adv,
                     torch.ones_like(mb.targets, dtype=torch.bool),
+                    self.loss_config,
                     bias=b,
                     cu_seqlens=mb.response_cu_seqlens,
                     ref_logprobs=ref,
-                    temperature=cfg.temperature,
-                    clip_low=cfg.clip_low,
-                    clip_high=cfg.clip_high,
-                    clip_ratio_c=cfg.clip_ratio_c,
-                    kl_coef=cfg.kl_coef,
-                    kl_type=cfg.kl_type,
-                    entropy_coef=cfg.entropy_coef,
-                    loss_agg=cfg.loss_agg,
                 )
                 return out.loss, out.metrics
 
@@ -449,7 +445,7 @@ class Trainer:
             "actor/pg_clipfrac": mean["clipfrac"],
             "actor/pg_clipfrac_lower": mean["clipfrac_lower"],
             "actor/kl_loss": mean["kl"],
-            "actor/kl_coef": cfg.kl_coef,
+            "actor/kl_coef": self.loss_config.kl_coef,
             "actor/entropy": mean["entropy"],
             "actor/ratio_mean": mean["ratio_mean"],
             "actor/ratio_max": ratio_max,

@@ -11,303 +11,40 @@ Per token t (definitions of `kernels.reference`, verl-compatible; z = logits / T
     loss   = Σ_t w_t · loss_t            (w from `aggregation_weights`: token-mean,
                                           seq-mean-token-mean, seq-mean-token-sum)
 
-The derivative the backward needs is analytic and per token, with the same conventions as
-autograd on the reference:
+The hyperparameters come as one `LossConfig`; the per-token math, the stats, the input checks and
+the metrics are those of `kernels.loss_common`, shared with `linear_flow_grpo_loss`.
 
-    d loss_t / d logp = −A·ratio  where the unclipped term is the max (pg2 ≤ pg1), else 0
-                                  (and 0 where the dual clip is active)
-                      + kl_coef · (k1: 1 | k2: d | k3: 1 − e^{−d}, 0 where the clamp is active)
-    d loss_t / d H    = −entropy_coef
-
-Reusable pieces (the LM-head variant `linear_flow_grpo_loss` calls them):
-
-* `flow_grpo_token_terms` — the per-token math above as a `@triton.jit` function on scalars or
-  blocks: (loss_t, d loss_t/d logp, ratio, pg, kl, clipped, clipped_lower);
-  `flow_grpo_token_terms_torch` is its torch twin. Both take unweighted terms; the caller applies
-  w_t as `where(w ≠ 0, w·x, 0)` so masked tokens never turn an inf into a NaN.
-* `write_token_stats` — loads a row's (or a block of rows') per-token inputs, evaluates
-  `flow_grpo_token_terms` and stores the `STATS`; `token_stats_torch` is its torch twin.
-* `aggregation_weights` — w [N] and the number of counted sequences as device tensors (no sync).
-* `TokenLossParams` — validated hyperparameters; `prepare_loss_inputs` — every check of the
-  per-token inputs and their device-side preparation (`LossInputs`); `finalize_metrics` (via
-  `LossInputs.metrics`) — metrics and the value checks of `kernels.validation` with one sync.
-* `grad_coefficients` — the per-row coefficients (g on logp, h on H) of the backward.
-
-Forward kernel: one program per row streams the logits once (`_row_logsumexp_entropy`, shared with
-`token_logprobs`), then evaluates `flow_grpo_token_terms` and writes the O(N) stats (`STATS`):
-logp, lse, H, ratio, pg, kl, the clip indicators, w·loss_t and g_t = w·d loss_t/d logp. The loss is
-the sum of w·loss_t. Backward is `token_logprobs_bwd` with g = g_t·grad and h = −w·entropy_coef·grad:
-d logits = grad · [g_t (onehot − p) + h_t (−p (log p + H))] / T, written once (optionally into the
-logits buffer itself). Without CUDA the same math runs as chunked torch (`token_logprobs_fwd_torch`).
+Forward kernel (`_flow_grpo_loss_fwd_kernel`): one program per row streams the logits once
+(`kernels.utils.row_logsumexp_entropy`, shared with `token_logprobs`), then `write_token_stats`
+evaluates the per-token terms and writes the O(N) `STATS` (logp, lse, H, ratio, pg, kl, the clip
+indicators, w·loss_t and g_t = w·d loss_t/d logp). The loss is the sum of w·loss_t. Backward
+(`flow_grpo_loss_bwd`) is `token_logprobs_bwd` with g = g_t·grad and h = −w·entropy_coef·grad
+(`grad_coefficients`): d logits = grad · [g_t (onehot − p) + h_t (−p (log p + H))] / T, written
+once (optionally into the logits buffer itself). Without CUDA the same math runs as chunked torch
+(`token_logprobs_fwd_torch` + `token_stats_torch`).
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import K3_CLAMP, KL_TYPES, LOSS_AGGS
-from kernels.token_logprobs import (
-    _row_logsumexp_entropy,
-    _unit_stride,
-    launch_config,
-    token_logprobs_bwd,
-    token_logprobs_bwd_torch,
-    token_logprobs_fwd_torch,
+from kernels.loss_common import (
+    DEFAULT_LOSS_CONFIG,
+    ENTROPY,
+    LSE,
+    STATS,
+    WLOSS,
+    LossConfig,
+    grad_coefficients,
+    prepare_loss_inputs,
+    token_stats_torch,
+    write_token_stats,
 )
-from kernels.utils import LossOutput, output_buffer
-from kernels.validation import (
-    check_cu_seqlens,
-    check_logits,
-    check_loss_mask,
-    check_per_token,
-    check_targets,
-    check_temperature,
-    cu_seqlens_invalid,
-    is_interpreted,
-    raise_for_bad_rows,
-    resolve_impl,
-)
-
-# Rows of the [len(STATS), N] float32 tensor the forward writes.
-STATS = ("logp", "lse", "entropy", "ratio", "pg", "kl", "clipped", "clipped_lower", "wloss", "dlogp")
-LOGP, LSE, ENTROPY, RATIO, PG, KL, CLIPPED, CLIPPED_LOWER, WLOSS, DLOGP = range(len(STATS))
-METRIC_KEYS = (
-    "clipfrac",
-    "clipfrac_lower",
-    "kl",
-    "entropy",
-    "pg_loss",
-    "ratio_mean",
-    "ratio_max",
-    "num_tokens",
-    "num_seqs",
-)
-
-
-@dataclass(frozen=True)
-class TokenLossParams:
-    """Hyperparameters of the per-token Flow-GRPO loss (validated on construction)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    clip_ratio_c: float | None = None
-    kl_type: str = "k3"
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
-        if not 0.0 <= self.clip_low <= 1.0:
-            raise ValueError(f"clip_low must be in [0, 1] (ratio clipped below at 1 - clip_low), got {self.clip_low}")
-        if self.clip_high < 0.0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.clip_ratio_c is not None and not (math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1.0):
-            raise ValueError(f"clip_ratio_c (dual clip) must be a finite number > 1 or None, got {self.clip_ratio_c}")
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"kl_type must be one of {KL_TYPES}, got {self.kl_type!r}")
-
-    @property
-    def kl_type_id(self) -> int:
-        return KL_TYPES.index(self.kl_type) + 1
-
-    @property
-    def kernel_scalars(self) -> tuple[float, ...]:
-        """(clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef): the runtime arguments of kernels
-        that call `write_token_stats`, in its order."""
-        c = self.clip_ratio_c if self.clip_ratio_c is not None else 0.0
-        return (self.clip_low, self.clip_high, c, self.kl_coef, self.entropy_coef)
-
-    def kernel_constexprs(self, has_ref: bool) -> dict[str, object]:
-        """HAS_REF, DUAL_CLIP and KL_TYPE of kernels that call `write_token_stats`."""
-        return {"HAS_REF": has_ref, "DUAL_CLIP": self.clip_ratio_c is not None, "KL_TYPE": self.kl_type_id}
-
-
-@triton.jit
-def flow_grpo_token_terms(
-    logp,
-    old_logp,
-    adv,
-    ref_logp,
-    entropy,
-    clip_low,
-    clip_high,
-    clip_ratio_c,
-    kl_coef,
-    entropy_coef,
-    HAS_REF: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
-    KL_TYPE: tl.constexpr,
-):
-    """Per-token Flow-GRPO terms (float32 scalars or blocks); KL_TYPE 1/2/3 = k1/k2/k3.
-
-    Returns (loss_t, d loss_t / d logp, ratio, pg, kl, clipped, clipped_lower), unweighted.
-    """
-    ratio = tl.exp(logp - old_logp)
-    pg1 = -adv * ratio
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    pg = tl.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    dpg = tl.where(clipped, 0.0, -adv * ratio)  # the clipped term is constant in logp
-    lower = tl.zeros_like(clipped)
-    if DUAL_CLIP:
-        pg3 = -adv * clip_ratio_c
-        lower = (pg > pg3) & (adv < 0.0)
-        pg = tl.where(lower, pg3, pg)
-        dpg = tl.where(lower, 0.0, dpg)
-    kl = 0.0
-    dkl = 0.0
-    if HAS_REF:
-        d = logp - ref_logp
-        if KL_TYPE == 1:
-            kl = d
-            dkl = 1.0
-        elif KL_TYPE == 2:
-            kl = 0.5 * d * d
-            dkl = d
-        else:
-            e = tl.exp(-d)
-            raw = e + d - 1.0
-            kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)  # K3_CLAMP
-            dkl = tl.where((raw >= -10.0) & (raw <= 10.0), 1.0 - e, 0.0)
-    loss = pg + kl_coef * kl - entropy_coef * entropy
-    dloss = dpg + kl_coef * dkl
-    return loss, dloss, ratio, pg, kl, clipped, lower
-
-
-def flow_grpo_token_terms_torch(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    adv: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    entropy: torch.Tensor,
-    params: TokenLossParams,
-) -> tuple[torch.Tensor, ...]:
-    """Torch twin of `flow_grpo_token_terms` on float32 [N] tensors (same outputs, same conventions)."""
-    ratio = torch.exp(logp - old_logp)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    dpg = torch.where(clipped, 0.0, -adv * ratio)
-    lower = torch.zeros_like(clipped)
-    if params.clip_ratio_c is not None:
-        pg3 = -adv * params.clip_ratio_c
-        lower = (pg > pg3) & (adv < 0)
-        pg = torch.where(lower, pg3, pg)
-        dpg = torch.where(lower, 0.0, dpg)
-    kl = torch.zeros_like(logp)
-    dkl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        d = logp - ref_logp
-        if params.kl_type == "k1":
-            kl, dkl = d, torch.ones_like(d)
-        elif params.kl_type == "k2":
-            kl, dkl = 0.5 * d * d, d
-        else:
-            e = torch.exp(-d)
-            raw = e + d - 1.0
-            kl = raw.clamp(-K3_CLAMP, K3_CLAMP)
-            dkl = torch.where((raw >= -K3_CLAMP) & (raw <= K3_CLAMP), 1.0 - e, 0.0)
-    loss = pg + params.kl_coef * kl - params.entropy_coef * entropy
-    dloss = dpg + params.kl_coef * dkl
-    return loss, dloss, ratio, pg, kl, clipped, lower
-
-
-def aggregation_weights(
-    mask: torch.Tensor, cu_seqlens: torch.Tensor | None, loss_agg: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 weights w [N] with loss = Σ w·loss_t, and the number of sequences with a masked token.
-
-    Same semantics as `kernels.reference.aggregation_weights`, but both results stay on the device
-    (no sync; with an invalid `cu_seqlens` the result is garbage, flagged by `cu_seqlens_invalid`).
-    """
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    m = mask.to(torch.float32)
-    n = m.numel()
-    if cu_seqlens is None:
-        seq_id = torch.zeros(n, dtype=torch.long, device=m.device)
-        num_seq_slots = 1
-    else:
-        num_seq_slots = cu_seqlens.numel() - 1
-        pos = torch.arange(n, device=m.device)
-        seq_id = torch.searchsorted(cu_seqlens[1:].long(), pos, right=True).clamp_max_(num_seq_slots - 1)
-    per_seq = torch.zeros(num_seq_slots, dtype=torch.float32, device=m.device).index_add_(0, seq_id, m)
-    num_seqs = (per_seq > 0).sum()
-    if loss_agg == "token-mean":
-        w = m / m.sum().clamp_min(1.0)
-    elif loss_agg == "seq-mean-token-mean":
-        w = m / (per_seq[seq_id].clamp_min(1.0) * num_seqs.clamp_min(1))
-    else:
-        w = m / num_seqs.clamp_min(1)
-    return w, num_seqs
-
-
-@triton.jit
-def write_token_stats(
-    stats_ptr,
-    rows,
-    row_ok,
-    N,
-    logp,
-    lse,
-    entropy,
-    old_ptr,
-    adv_ptr,
-    ref_ptr,
-    w_ptr,
-    clip_low,
-    clip_high,
-    clip_ratio_c,
-    kl_coef,
-    entropy_coef,
-    HAS_REF: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
-    KL_TYPE: tl.constexpr,
-):
-    """Load the per-token inputs of `rows` (a row index or a block of them), evaluate
-    `flow_grpo_token_terms` and store the `STATS` columns of those rows (where `row_ok`)."""
-    old = tl.load(old_ptr + rows, mask=row_ok, other=0.0)
-    adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
-    ref = 0.0
-    if HAS_REF:
-        ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0)
-    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-    loss, dloss, ratio, pg, kl, clipped, lower = flow_grpo_token_terms(
-        logp,
-        old,
-        adv,
-        ref,
-        entropy,
-        clip_low,
-        clip_high,
-        clip_ratio_c,
-        kl_coef,
-        entropy_coef,
-        HAS_REF=HAS_REF,
-        DUAL_CLIP=DUAL_CLIP,
-        KL_TYPE=KL_TYPE,
-    )
-    counted = w != 0.0  # masked-out tokens contribute exactly 0, even where their terms are inf
-    out = stats_ptr + rows
-    tl.store(out + 0 * N, logp, mask=row_ok)
-    tl.store(out + 1 * N, lse, mask=row_ok)
-    tl.store(out + 2 * N, entropy, mask=row_ok)
-    tl.store(out + 3 * N, ratio, mask=row_ok)
-    tl.store(out + 4 * N, pg, mask=row_ok)
-    tl.store(out + 5 * N, kl, mask=row_ok)
-    tl.store(out + 6 * N, clipped.to(tl.float32), mask=row_ok)
-    tl.store(out + 7 * N, lower.to(tl.float32), mask=row_ok)
-    tl.store(out + 8 * N, tl.where(counted, w * loss, 0.0), mask=row_ok)
-    tl.store(out + 9 * N, tl.where(counted, w * dloss, 0.0), mask=row_ok)
+from kernels.token_logprobs import launch_config, token_logprobs_bwd, token_logprobs_bwd_torch, token_logprobs_fwd_torch
+from kernels.utils import LossOutput, output_buffer, row_logsumexp_entropy, unit_stride
+from kernels.validation import check_logits, is_interpreted, raise_for_bad_rows, resolve_impl
 
 
 @triton.jit
@@ -335,7 +72,7 @@ def _flow_grpo_loss_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31 for N·V ≥ 2^31
     target = tl.load(targets_ptr + row)
-    lse, logp, entropy = _row_logsumexp_entropy(
+    lse, logp, entropy = row_logsumexp_entropy(
         logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V
     )
     write_token_stats(
@@ -368,12 +105,13 @@ def flow_grpo_loss_fwd(
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     weights: torch.Tensor,
-    *,
-    temperature: float,
-    params: TokenLossParams,
+    config: LossConfig,
 ) -> torch.Tensor:
-    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 contiguous [N])."""
-    logits = _unit_stride(logits)
+    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 [N], any stride)."""
+    logits = unit_stride(logits)
+    # the kernel indexes every per-token input by row at unit stride
+    targets, old_logprobs, advantages, weights = (x.contiguous() for x in (targets, old_logprobs, advantages, weights))
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
     n, v = logits.shape
     stats = output_buffer((len(STATS), n), dtype=torch.float32, device=logits.device)
     block_v, num_warps = launch_config(v, logits.dtype, is_interpreted(_flow_grpo_loss_fwd_kernel))
@@ -389,9 +127,9 @@ def flow_grpo_loss_fwd(
         logits.stride(0),
         n,
         v,
-        1.0 / temperature,
-        *params.kernel_scalars,
-        **params.kernel_constexprs(has_ref),
+        1.0 / config.temperature,
+        *config.kernel_scalars,
+        **config.kernel_constexprs(has_ref),
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -405,56 +143,11 @@ def flow_grpo_loss_fwd_torch(
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     weights: torch.Tensor,
-    *,
-    temperature: float,
-    params: TokenLossParams,
+    config: LossConfig,
 ) -> torch.Tensor:
     """Chunked torch twin of `flow_grpo_loss_fwd` (same stats)."""
-    logp, entropy, lse = token_logprobs_fwd_torch(logits, targets, temperature=temperature, with_entropy=True)
-    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, params)
-
-
-def token_stats_torch(
-    logp: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    weights: torch.Tensor,
-    params: TokenLossParams,
-) -> torch.Tensor:
-    """Torch twin of `write_token_stats`: the float32 stats [len(STATS), N] from the per-token log-probs."""
-    loss, dloss, ratio, pg, kl, clipped, lower = flow_grpo_token_terms_torch(
-        logp, old_logprobs, advantages, ref_logprobs, entropy, params
-    )
-    counted = weights != 0
-    stats = output_buffer((len(STATS), logp.shape[0]), dtype=torch.float32, device=logp.device)
-    for i, x in enumerate(
-        (
-            logp,
-            lse,
-            entropy,
-            ratio,
-            pg,
-            kl,
-            clipped,
-            lower,
-            torch.where(counted, weights * loss, 0.0),
-            torch.where(counted, weights * dloss, 0.0),
-        )
-    ):
-        stats[i] = x
-    return stats
-
-
-def grad_coefficients(
-    stats: torch.Tensor, weights: torch.Tensor, grad_loss: torch.Tensor, entropy_coef: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row coefficients (g on logp, h on H, or None) of d(grad_loss · loss): g = g_t·grad, h = −w·entropy_coef·grad."""
-    g = stats[DLOGP] * grad_loss
-    h = None if entropy_coef == 0.0 else weights * (-entropy_coef) * grad_loss
-    return g, h
+    logp, entropy, lse = token_logprobs_fwd_torch(logits, targets, temperature=config.temperature, with_entropy=True)
+    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, config)
 
 
 def flow_grpo_loss_bwd(
@@ -463,28 +156,28 @@ def flow_grpo_loss_bwd(
     stats: torch.Tensor,
     weights: torch.Tensor,
     grad_loss: torch.Tensor,
+    config: LossConfig,
     *,
-    temperature: float,
-    entropy_coef: float,
     inplace: bool = False,
     impl: str = "triton",
 ) -> torch.Tensor:
-    """d logits of `grad_loss · loss` (`grad_coefficients`) through `token_logprobs_bwd`."""
-    g, h = grad_coefficients(stats, weights, grad_loss, entropy_coef)
+    """d logits of `grad_loss · loss` (`grad_coefficients`) through `token_logprobs_bwd` (its torch twin
+    with impl="torch")."""
+    g, h = grad_coefficients(stats, weights, grad_loss, config.entropy_coef)
     bwd = token_logprobs_bwd if impl == "triton" else token_logprobs_bwd_torch
-    return bwd(logits, targets, stats[LSE], stats[ENTROPY], g, h, temperature=temperature, inplace=inplace)
+    return bwd(logits, targets, stats[LSE], stats[ENTROPY], g, h, temperature=config.temperature, inplace=inplace)
 
 
 class FlowGRPOLossFunction(torch.autograd.Function):
     """(loss, stats) with the loss differentiable with respect to `logits`; stats are not."""
 
     @staticmethod
-    def forward(ctx, logits, targets, old, adv, ref, weights, temperature, params, impl, inplace_backward):
+    def forward(ctx, logits, targets, old, adv, ref, weights, config, impl, inplace_backward):
         fwd = flow_grpo_loss_fwd if impl == "triton" else flow_grpo_loss_fwd_torch
-        stats = fwd(logits, targets, old, adv, ref, weights, temperature=temperature, params=params)
+        stats = fwd(logits, targets, old, adv, ref, weights, config)
         loss = stats[WLOSS].sum()
         ctx.save_for_backward(logits, targets, stats, weights)
-        ctx.temperature, ctx.params, ctx.impl, ctx.inplace = temperature, params, impl, inplace_backward
+        ctx.config, ctx.impl, ctx.inplace = config, impl, inplace_backward
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -497,155 +190,11 @@ class FlowGRPOLossFunction(torch.autograd.Function):
             stats,
             weights,
             grad_loss,
-            temperature=ctx.temperature,
-            entropy_coef=ctx.params.entropy_coef,
+            ctx.config,
             inplace=ctx.inplace,
             impl=ctx.impl,
         )
-        return dlogits, *([None] * 9)
-
-
-def finalize_metrics(
-    stats: torch.Tensor,
-    mask: torch.Tensor,
-    num_seqs: torch.Tensor,
-    *,
-    per_token_inputs: dict[str, torch.Tensor | None],
-    cu_invalid: torch.Tensor | None,
-    mask_invalid: torch.Tensor | None,
-    diagnose_rows: Callable[[torch.Tensor], None],
-) -> dict[str, float]:
-    """Metrics of `kernels.reference.loss_metrics` from the O(N) stats, and every value check, in one sync.
-
-    Raises ValueError for an invalid cu_seqlens / loss_mask, non-finite log-probs (`diagnose_rows`
-    is called with logp to name the rows and the cause) or non-finite per-token inputs on masked rows.
-    """
-    zero = torch.zeros((), dtype=torch.float64, device=stats.device)
-
-    def msum(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, x.double(), 0.0).sum()
-
-    ratio_max = torch.where(mask, stats[RATIO], float("-inf")).max().double()
-    finite_inputs = torch.ones_like(mask)
-    for x in per_token_inputs.values():
-        if x is not None:
-            finite_inputs &= torch.isfinite(x)
-    vals = torch.stack(
-        [
-            mask.sum().double(),
-            num_seqs.double(),
-            msum(stats[CLIPPED]),
-            msum(stats[CLIPPED_LOWER]),
-            msum(stats[KL]),
-            msum(stats[ENTROPY]),
-            msum(stats[PG]),
-            msum(stats[RATIO]),
-            ratio_max,
-            (~torch.isfinite(stats[LOGP])).sum().double(),
-            (mask & ~finite_inputs).sum().double(),
-            zero if cu_invalid is None else cu_invalid.double(),
-            zero if mask_invalid is None else mask_invalid.double(),
-        ]
-    ).tolist()
-    count, nseq, s_clip, s_lower, s_kl, s_ent, s_pg, s_ratio, r_max, bad_rows, bad_inputs, cu_bad, mask_bad = vals
-    if cu_bad:
-        raise ValueError("cu_seqlens must start at 0, end at N (the number of tokens) and never decrease")
-    if mask_bad:
-        raise ValueError("loss_mask must contain only 0 and 1 (or be a bool tensor)")
-    if bad_rows:
-        diagnose_rows(stats[LOGP])
-    if bad_inputs:
-        bad = (mask & ~finite_inputs).nonzero().flatten()[:8].tolist()
-        names = [k for k, x in per_token_inputs.items() if x is not None and not torch.isfinite(x[mask]).all()]
-        raise ValueError(f"non-finite values in {names} at masked tokens, e.g. rows {bad}")
-    if count == 0:
-        return {**dict.fromkeys(METRIC_KEYS, 0.0)}
-    return {
-        "clipfrac": s_clip / count,
-        "clipfrac_lower": s_lower / count,
-        "kl": s_kl / count,
-        "entropy": s_ent / count,
-        "pg_loss": s_pg / count,
-        "ratio_mean": s_ratio / count,
-        "ratio_max": r_max,
-        "num_tokens": count,
-        "num_seqs": nseq,
-    }
-
-
-@dataclass(frozen=True)
-class LossInputs:
-    """The checked, device-side inputs of one loss call besides the logits (or hidden states and LM head)."""
-
-    params: TokenLossParams
-    mask: torch.Tensor  # bool [N]
-    weights: torch.Tensor  # float32 [N], `aggregation_weights`
-    num_seqs: torch.Tensor  # 0-d, sequences with a masked token
-    old: torch.Tensor  # float32 contiguous [N], no gradient
-    adv: torch.Tensor
-    ref: torch.Tensor | None
-    cu_invalid: torch.Tensor | None  # 0-d flags, checked with the one sync
-    mask_invalid: torch.Tensor | None
-
-    def metrics(self, stats: torch.Tensor, diagnose_rows: Callable[[torch.Tensor], None]) -> dict[str, float]:
-        """`finalize_metrics` of the stats a forward wrote (the call's one device→host sync)."""
-        return finalize_metrics(
-            stats,
-            self.mask,
-            self.num_seqs,
-            per_token_inputs={"old_logprobs": self.old, "advantages": self.adv, "ref_logprobs": self.ref},
-            cu_invalid=self.cu_invalid,
-            mask_invalid=self.mask_invalid,
-            diagnose_rows=diagnose_rows,
-        )
-
-
-def prepare_loss_inputs(
-    n: int,
-    device: torch.device,
-    targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    *,
-    cu_seqlens: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    clip_low: float,
-    clip_high: float,
-    clip_ratio_c: float | None,
-    kl_coef: float,
-    kl_type: str,
-    entropy_coef: float,
-    loss_agg: str,
-) -> LossInputs:
-    """Check the per-token inputs and hyperparameters of a loss over N tokens (no sync) and prepare them."""
-    check_targets(targets, n, device)
-    check_per_token(old_logprobs, n, device, "old_logprobs")
-    check_per_token(advantages, n, device, "advantages")
-    check_per_token(ref_logprobs, n, device, "ref_logprobs")
-    check_loss_mask(loss_mask, n, device)
-    check_cu_seqlens(cu_seqlens, device)
-    params = TokenLossParams(clip_low, clip_high, clip_ratio_c, kl_type, float(kl_coef), float(entropy_coef))
-    if params.kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs of the targets)")
-    mask = loss_mask if loss_mask.dtype == torch.bool else loss_mask != 0
-    mask_invalid = None if loss_mask.dtype == torch.bool else ((loss_mask != 0) & (loss_mask != 1)).any()
-    weights, num_seqs = aggregation_weights(mask, cu_seqlens, loss_agg)
-
-    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.detach().to(torch.float32).contiguous()
-
-    return LossInputs(
-        params=params,
-        mask=mask,
-        weights=weights,
-        num_seqs=num_seqs,
-        old=per_token(old_logprobs),
-        adv=per_token(advantages),
-        ref=per_token(ref_logprobs),
-        cu_invalid=cu_seqlens_invalid(cu_seqlens, n),
-        mask_invalid=mask_invalid,
-    )
+        return dlogits, *([None] * 8)
 
 
 def flow_grpo_loss(
@@ -654,31 +203,24 @@ def flow_grpo_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
+    config: LossConfig = DEFAULT_LOSS_CONFIG,
     *,
     cu_seqlens: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
     impl: str = "auto",
     inplace_backward: bool = False,
 ) -> LossOutput:
     """Fused Flow-GRPO loss on [N, V] logits; `.loss` is differentiable with respect to `logits`.
 
-    Semantics are those of `kernels.reference.flow_grpo_loss` (see the module docstring);
-    `old_logprobs`, `advantages`, `ref_logprobs` carry no gradient. `cu_seqlens` (int32 [S+1],
-    0 … N) delimits packed sequences for the seq-mean aggregations. impl: "auto" (Triton on CUDA,
-    chunked torch elsewhere), "triton" or "torch". inplace_backward=True writes d logits into the
-    `logits` buffer (saves N·V memory): `logits` is overwritten by the backward and must not be used
-    afterwards. Costs one device→host sync (metrics and the value checks together).
+    Semantics are those of `kernels.reference.flow_grpo_loss` (see the module docstring), with the
+    hyperparameters in `config` (temperature, clipping, KL, entropy, aggregation); `old_logprobs`,
+    `advantages`, `ref_logprobs` carry no gradient. `cu_seqlens` (int32 [S+1], 0 … N) delimits packed
+    sequences for the seq-mean aggregations. impl: "auto" (Triton on CUDA, chunked torch elsewhere),
+    "triton" or "torch". inplace_backward=True writes d logits into the `logits` buffer (saves N·V
+    memory): `logits` is overwritten by the backward and must not be used afterwards. Costs one
+    device→host sync (metrics and the value checks together).
     """
     n, _ = check_logits(logits)
-    temperature = check_temperature(temperature)
     inp = prepare_loss_inputs(
         n,
         logits.device,
@@ -686,19 +228,13 @@ def flow_grpo_loss(
         old_logprobs,
         advantages,
         loss_mask,
+        config,
         cu_seqlens=cu_seqlens,
         ref_logprobs=ref_logprobs,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        clip_ratio_c=clip_ratio_c,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        loss_agg=loss_agg,
     )
     impl = resolve_impl(impl, logits.device, _flow_grpo_loss_fwd_kernel)
     loss, stats = FlowGRPOLossFunction.apply(
-        logits, targets, inp.old, inp.adv, inp.ref, inp.weights, temperature, inp.params, impl, inplace_backward
+        logits, targets, inp.old, inp.adv, inp.ref, inp.weights, config, impl, inplace_backward
     )
     metrics = inp.metrics(stats, lambda logp: raise_for_bad_rows(logits.detach(), targets, logp))
     return LossOutput(loss=loss, metrics=metrics)

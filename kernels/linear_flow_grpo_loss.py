@@ -11,11 +11,12 @@ It is assembled from the two landed ops, with no formula of its own:
   token block and vocabulary split, see `kernels.linear_token_logprobs`), then one small kernel
   (`_linear_flow_grpo_loss_fwd_kernel`) that merges the splits into (lse, logp, H) and writes the
   O(N) `STATS` of `flow_grpo_loss` through `write_token_stats` (the per-token Flow-GRPO math of
-  `flow_grpo_token_terms`). The loss is Σ w·loss_t over the stats; metrics and every value check
-  come from `LossInputs.metrics` (`finalize_metrics`, one device→host sync).
-* backward: `grad_coefficients` gives per-row g (on logp) and h (on H) from the stats, and the
-  backward of `linear_token_logprobs` recomputes the logits tiles and forms d hidden, d weight and
-  d bias from dZ = [g (onehot − p) − h p (log p + H)] / T without writing [N, V].
+  `flow_grpo_token_terms`), all from `kernels.loss_common`. The loss is Σ w·loss_t over the stats;
+  metrics and every value check come from `LossInputs.metrics` (`finalize_metrics`, one device→host sync).
+* backward (`linear_flow_grpo_loss_bwd`): `grad_coefficients` gives per-row g (on logp) and h
+  (on H) from the stats, and the backward of `linear_token_logprobs` recomputes the logits tiles and
+  forms d hidden, d weight and d bias from dZ = [g (onehot − p) − h p (log p + H)] / T without
+  writing [N, V].
 
 FLOPs: 2·N·V·d forward, 6·N·V·d backward (recomputed logits, d hidden, d weight), the floor of
 DESIGN.md's 8·N·V·d. The torch path (CPU, or impl="torch") runs the same math over row chunks
@@ -32,27 +33,28 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flow_grpo_loss import (
-    ENTROPY,
-    LSE,
-    STATS,
-    WLOSS,
-    TokenLossParams,
-    grad_coefficients,
-    prepare_loss_inputs,
-    token_stats_torch,
-    write_token_stats,
-)
 from kernels.linear_token_logprobs import (
     REDUCE_BLOCK_N,
-    _combine_splits,
+    combine_splits,
     linear_token_logprobs_bwd,
     linear_token_logprobs_bwd_torch,
     linear_token_logprobs_fwd_torch,
     linear_token_logprobs_partials,
 )
+from kernels.loss_common import (
+    DEFAULT_LOSS_CONFIG,
+    ENTROPY,
+    LSE,
+    STATS,
+    WLOSS,
+    LossConfig,
+    grad_coefficients,
+    prepare_loss_inputs,
+    token_stats_torch,
+    write_token_stats,
+)
 from kernels.utils import LossOutput, output_buffer
-from kernels.validation import check_linear, check_temperature, raise_for_bad_linear_rows, resolve_impl
+from kernels.validation import check_linear, raise_for_bad_linear_rows, resolve_impl
 
 
 @triton.jit
@@ -80,7 +82,7 @@ def _linear_flow_grpo_loss_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = rows < N
     target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    lse, logp, entropy = _combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N)
+    lse, logp, entropy = combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N)
     write_token_stats(
         stats_ptr,
         rows,
@@ -113,18 +115,19 @@ def linear_flow_grpo_loss_fwd(
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     weights: torch.Tensor,
-    *,
-    temperature: float,
-    params: TokenLossParams,
+    config: LossConfig,
 ) -> torch.Tensor:
-    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 contiguous [N])."""
-    part = linear_token_logprobs_partials(hidden, weight, bias, targets, temperature=temperature)
+    """Triton forward: float32 stats [len(STATS), N] (per-token inputs float32 [N], any stride)."""
+    # the kernel indexes every per-token input by row at unit stride
+    targets, old_logprobs, advantages, weights = (x.contiguous() for x in (targets, old_logprobs, advantages, weights))
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
+    part = linear_token_logprobs_partials(hidden, weight, bias, targets, temperature=config.temperature)
     n, v = hidden.shape[0], weight.shape[0]
     stats = output_buffer((len(STATS), n), dtype=torch.float32, device=hidden.device)
     has_ref = ref_logprobs is not None
     _linear_flow_grpo_loss_fwd_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         part,
-        targets.contiguous(),
+        targets,
         old_logprobs,
         advantages,
         ref_logprobs if has_ref else old_logprobs,
@@ -133,8 +136,8 @@ def linear_flow_grpo_loss_fwd(
         n,
         v,
         part.shape[1],
-        *params.kernel_scalars,
-        **params.kernel_constexprs(has_ref),
+        *config.kernel_scalars,
+        **config.kernel_constexprs(has_ref),
         BLOCK_N=REDUCE_BLOCK_N,
     )
     return stats
@@ -149,48 +152,66 @@ def linear_flow_grpo_loss_fwd_torch(
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     weights: torch.Tensor,
-    *,
-    temperature: float,
-    params: TokenLossParams,
+    config: LossConfig,
 ) -> torch.Tensor:
     """Chunked torch twin of `linear_flow_grpo_loss_fwd` (same stats)."""
     logp, entropy, lse = linear_token_logprobs_fwd_torch(
-        hidden, weight, bias, targets, temperature=temperature, with_entropy=True
+        hidden, weight, bias, targets, temperature=config.temperature, with_entropy=True
     )
-    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, params)
+    return token_stats_torch(logp, lse, entropy, old_logprobs, advantages, ref_logprobs, weights, config)
+
+
+def linear_flow_grpo_loss_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    stats: torch.Tensor,
+    weights: torch.Tensor,
+    grad_loss: torch.Tensor,
+    config: LossConfig,
+    *,
+    needs: tuple[bool, bool, bool],
+    impl: str = "triton",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d hidden, d weight, d bias) of `grad_loss · loss` (`grad_coefficients`) through
+    `linear_token_logprobs_bwd` (its torch twin with impl="torch"); None where not in `needs`."""
+    g, h = grad_coefficients(stats, weights, grad_loss, config.entropy_coef)
+    bwd = linear_token_logprobs_bwd if impl == "triton" else linear_token_logprobs_bwd_torch
+    return bwd(
+        hidden, weight, bias, targets, stats[LSE], stats[ENTROPY], g, h, temperature=config.temperature, needs=needs
+    )
 
 
 class LinearFlowGRPOLossFunction(torch.autograd.Function):
     """(loss, stats) with the loss differentiable with respect to hidden, weight and bias; stats are not."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old, adv, ref, weights, temperature, params, impl):
+    def forward(ctx, hidden, weight, bias, targets, old, adv, ref, weights, config, impl):
         fwd = linear_flow_grpo_loss_fwd if impl == "triton" else linear_flow_grpo_loss_fwd_torch
-        stats = fwd(hidden, weight, bias, targets, old, adv, ref, weights, temperature=temperature, params=params)
+        stats = fwd(hidden, weight, bias, targets, old, adv, ref, weights, config)
         loss = stats[WLOSS].sum()
         ctx.save_for_backward(hidden, weight, bias, targets, stats, weights)
-        ctx.temperature, ctx.params, ctx.impl = temperature, params, impl
+        ctx.config, ctx.impl = config, impl
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         hidden, weight, bias, targets, stats, weights = ctx.saved_tensors
-        g, h = grad_coefficients(stats, weights, grad_loss, ctx.params.entropy_coef)
-        bwd = linear_token_logprobs_bwd if ctx.impl == "triton" else linear_token_logprobs_bwd_torch
-        dh, dw, db = bwd(
+        dh, dw, db = linear_flow_grpo_loss_bwd(
             hidden,
             weight,
             bias,
             targets,
-            stats[LSE],
-            stats[ENTROPY],
-            g,
-            h,
-            temperature=ctx.temperature,
+            stats,
+            weights,
+            grad_loss,
+            ctx.config,
             needs=tuple(ctx.needs_input_grad[:3]),
+            impl=ctx.impl,
         )
-        return dh, dw, db, *([None] * 8)
+        return dh, dw, db, *([None] * 7)
 
 
 def linear_flow_grpo_loss(
@@ -200,30 +221,22 @@ def linear_flow_grpo_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
+    config: LossConfig = DEFAULT_LOSS_CONFIG,
     *,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
     impl: str = "auto",
 ) -> LossOutput:
     """Flow-GRPO loss on the logits `hidden @ weight.T + bias`, fused with the LM head (never [N, V]).
 
     hidden [N, d], weight [V, d] (the LM head, or the tied input embedding), bias [V] or None, all of
-    one float dtype; the other arguments and the result are those of `kernels.flow_grpo_loss` (see
-    `kernels.reference.flow_grpo_loss` for the definitions). `.loss` is differentiable with respect to
-    hidden, weight and bias. impl: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or
-    "torch". Costs one device→host sync (metrics and the value checks together).
+    one float dtype; the other arguments (the hyperparameters in `config`) and the result are those of
+    `kernels.flow_grpo_loss` (see `kernels.reference.flow_grpo_loss` for the definitions). `.loss` is
+    differentiable with respect to hidden, weight and bias. impl: "auto" (Triton on CUDA, chunked torch
+    elsewhere), "triton" or "torch". Costs one device→host sync (metrics and the value checks together).
     """
     n, _, _ = check_linear(hidden, weight, bias)
-    temperature = check_temperature(temperature)
     inp = prepare_loss_inputs(
         n,
         hidden.device,
@@ -231,19 +244,13 @@ def linear_flow_grpo_loss(
         old_logprobs,
         advantages,
         loss_mask,
+        config,
         cu_seqlens=cu_seqlens,
         ref_logprobs=ref_logprobs,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        clip_ratio_c=clip_ratio_c,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        loss_agg=loss_agg,
     )
     impl = resolve_impl(impl, hidden.device, _linear_flow_grpo_loss_fwd_kernel)
     loss, stats = LinearFlowGRPOLossFunction.apply(
-        hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, temperature, inp.params, impl
+        hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, config, impl
     )
 
     def diagnose(logp: torch.Tensor) -> None:

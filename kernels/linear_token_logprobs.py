@@ -15,7 +15,7 @@ accumulator, on chip), and folds it into per-row online softmax statistics
     m = max z,   s = Σ e^{z−m},   a = Σ e^{z−m}(z − m)        (`_merge_softmax_stats`)
 
 plus the target logit (where the target falls in the tile). Only these four floats per row and
-split are written. A second small kernel merges the splits (`_combine_splits`):
+split are written. A second small kernel merges the splits (`combine_splits`):
 lse = m + log s, H = log s − a/s, logp = z_target − lse. The splits exist to fill the GPU when
 N / BLOCK_N is below the number of SMs (a 2k-token micro-batch is 16 token blocks); they cost
 4·N floats per split.
@@ -54,7 +54,7 @@ no 64×256 tile falls below 1e-5), so it is not offered as an option either.
 
 Torch path (CPU, or impl="torch"): the same blockwise algorithm with torch ops, over blocks of
 rows × vocabulary columns (`torch_blocks`): a float32 [rows, cols] logits block and the float32
-[cols, d] weight block each within the torch paths' chunk bound (`TORCH_CHUNK_BYTES`, 8 MiB on
+[cols, d] weight block each within the torch paths' chunk bound (`kernels.utils.TORCH_CHUNK_BYTES`, 8 MiB on
 CPU), with up to `TORCH_MAX_ROWS` rows so that the weight is read once per 4096 tokens. Forward:
 per block the product in float32 (hidden and weight blocks upcast: exact for bf16/fp16, as on the
 tensor cores), then the block's (max, Σe, Σe·z) merged into the running ones
@@ -72,15 +72,14 @@ Triton path hidden and weight need a unit stride along d (others are copied).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.token_logprobs import _LOGP_FLOOR, token_logprobs_bwd_torch
-from kernels.utils import output_buffer
+from kernels.token_logprobs import token_logprobs_bwd_torch
+from kernels.utils import LOGP_FLOOR, output_buffer, torch_chunk_bytes, unit_stride
 from kernels.validation import (
     check_linear,
     check_targets,
@@ -89,8 +88,6 @@ from kernels.validation import (
     raise_for_bad_linear_rows,
     resolve_impl,
 )
-
-tlp_module = importlib.import_module("kernels.token_logprobs")  # its chunk bounds, read at call time
 
 # Rows of the float32 [4, splits, N] partial statistics of the forward tile pass.
 PART_M, PART_S, PART_A, PART_ZT = range(4)
@@ -248,7 +245,7 @@ def _linear_token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N: tl.constexpr):
+def combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N: tl.constexpr):
     """(lse, logp, entropy) of `rows` from the partial statistics of the vocabulary splits.
 
     A target outside [0, V) gives logp = NaN, as in `token_logprobs` (caught by the value checks).
@@ -287,7 +284,7 @@ def _linear_token_logprobs_reduce_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    lse, logp, entropy = _combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N)
+    lse, logp, entropy = combine_splits(part_ptr, rows, row_ok, target, N, V, SPLITS, BLOCK_N)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(logp_ptr + rows, logp, mask=row_ok)
     if WITH_ENTROPY:
@@ -394,10 +391,6 @@ def _linear_token_logprobs_bwd_kernel(
                     )
 
 
-def _unit_stride_d(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(1) == 1 else x.contiguous()
-
-
 def _dot_args(dtype: torch.dtype, kernel: object) -> dict[str, object]:
     """DOT_PRECISION (fp32 operands: IEEE, no TF32 rounding; others ignore it) and UPCAST (`_dot_operand`)."""
     upcast = dtype == torch.bfloat16 and is_interpreted(kernel)
@@ -408,7 +401,7 @@ def linear_token_logprobs_partials(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *, temperature: float
 ) -> torch.Tensor:
     """Triton tile pass: float32 partial softmax statistics [4, splits, N] (`PART_*`)."""
-    hidden, weight, targets = _unit_stride_d(hidden), _unit_stride_d(weight), targets.contiguous()
+    hidden, weight, targets = unit_stride(hidden), unit_stride(weight), targets.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = linear_launch(n, v, hidden.dtype, hidden.device, is_interpreted(_linear_token_logprobs_fwd_kernel))
@@ -485,7 +478,8 @@ def linear_token_logprobs_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Triton backward: (d hidden, d weight, d bias) in the input dtype (None where not in `needs`)
     for per-row coefficients g on logp and h on H (or None)."""
-    hidden, weight, targets = _unit_stride_d(hidden), _unit_stride_d(weight), targets.contiguous()
+    hidden, weight, targets = unit_stride(hidden), unit_stride(weight), targets.contiguous()
+    lse = lse.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -496,7 +490,7 @@ def linear_token_logprobs_bwd(
     g = g.to(torch.float32).contiguous()
     has_h = h is not None
     if has_h:
-        h = h.to(torch.float32).contiguous()
+        h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
     cfg = linear_launch(n, v, hidden.dtype, dev, is_interpreted(_linear_token_logprobs_bwd_kernel))
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     _linear_token_logprobs_bwd_kernel[grid](
@@ -539,7 +533,7 @@ def torch_blocks(n: int, v: int, d: int, device: torch.device) -> tuple[int, int
     [cols, d] weight block each stay within the torch paths' chunk bound (`TORCH_CHUNK_BYTES`), with
     at least `TORCH_MIN_COLS` columns, and as many rows as that allows (up to `TORCH_MAX_ROWS`, the
     rows that read the weight once)."""
-    limit = tlp_module.TORCH_CHUNK_BYTES_CUDA if device.type == "cuda" else tlp_module.TORCH_CHUNK_BYTES
+    limit = torch_chunk_bytes(device)
     cols = max(TORCH_MIN_COLS, min(limit // (4 * min(n, TORCH_MAX_ROWS)), limit // (4 * d)))
     cols = min(v, cols)
     return min(n, TORCH_MAX_ROWS, max(1, limit // (4 * cols))), cols
@@ -600,7 +594,7 @@ def linear_token_logprobs_fwd_torch(
                 a_blk = torch.zeros_like(m_blk)  # Σ e·(z − max), for the entropy only
                 if with_entropy:
                     # e = 0 where z − max < −1e4 (float32 exp underflows at −104): the floor keeps e·(z − max) = 0
-                    a_blk = torch.linalg.vecdot(e, z.clamp_min_(_LOGP_FLOOR))
+                    a_blk = torch.linalg.vecdot(e, z.clamp_min_(LOGP_FLOOR))
                 m, s, a = merge_softmax_stats_torch(m, s, a, m_blk, e.sum(dim=1), a_blk)
                 del z, e  # before the next block is allocated
             log_s = torch.log(s)

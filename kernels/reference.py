@@ -4,7 +4,8 @@ These are what the fused kernels must agree with and what benchmarks compare aga
 reference"): logits are upcast to float32, `log_softmax` materialises [N, V], `gather` picks the
 targets, and autograd derives the backward. They are obviously correct and memory-hungry.
 
-Definitions (verl-compatible, see shared/DESIGN.md "Loss"):
+Definitions (verl-compatible, see shared/DESIGN.md "Loss"; the hyperparameters of the losses come as
+one `kernels.LossConfig`):
 
     logp    = log_softmax(logits / T)[target]                 H = -sum_v p_v log p_v, p = softmax(logits / T)
     ratio   = exp(logp - old_logp)
@@ -30,11 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.loss_common import DEFAULT_LOSS_CONFIG, K3_CLAMP, KL_TYPES, LOSS_AGGS, LossConfig
 from kernels.utils import LossOutput
-
-KL_TYPES = ("k1", "k2", "k3")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-K3_CLAMP = 10.0
 
 
 def token_logprobs(
@@ -127,34 +125,27 @@ def flow_grpo_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
+    config: LossConfig = DEFAULT_LOSS_CONFIG,
     *,
     cu_seqlens: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
 ) -> LossOutput:
     """Eager Flow-GRPO loss on materialised logits (float32 upcast, autograd backward)."""
-    if kl_coef != 0.0 and ref_logprobs is None:
+    if config.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
-    logp, entropy = token_logprobs(logits, targets, temperature=temperature, return_entropy=True)
+    logp, entropy = token_logprobs(logits, targets, temperature=config.temperature, return_entropy=True)
     t = per_token_terms(
         logp,
         old_logprobs.detach(),
         advantages.detach(),
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach(),
-        clip_low=clip_low,
-        clip_high=clip_high,
-        clip_ratio_c=clip_ratio_c,
-        kl_type=kl_type,
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        clip_ratio_c=config.clip_ratio_c,
+        kl_type=config.kl_type,
     )
-    loss_t = t["pg"] + kl_coef * t["kl"] - entropy_coef * entropy
-    w, num_seqs = aggregation_weights(loss_mask, cu_seqlens, loss_agg)
+    loss_t = t["pg"] + config.kl_coef * t["kl"] - config.entropy_coef * entropy
+    w, num_seqs = aggregation_weights(loss_mask, cu_seqlens, config.loss_agg)
     loss = (w * loss_t).sum()
     return LossOutput(loss=loss, metrics=loss_metrics(loss_mask, t, entropy, num_seqs))
 
@@ -207,9 +198,20 @@ def linear_flow_grpo_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
+    config: LossConfig = DEFAULT_LOSS_CONFIG,
     *,
     bias: torch.Tensor | None = None,
-    **kwargs,
+    cu_seqlens: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
 ) -> LossOutput:
     """`flow_grpo_loss` on materialised logits `hidden @ weight.T + bias` (matmul in the input dtype)."""
-    return flow_grpo_loss(F.linear(hidden, weight, bias), targets, old_logprobs, advantages, loss_mask, **kwargs)
+    return flow_grpo_loss(
+        F.linear(hidden, weight, bias),
+        targets,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        config,
+        cu_seqlens=cu_seqlens,
+        ref_logprobs=ref_logprobs,
+    )

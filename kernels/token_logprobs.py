@@ -1,6 +1,7 @@
 """Fused token log-probs (and entropy) of `softmax(logits / T)`, forward and backward.
 
-Forward (one program per row; the row is read once, in BLOCK_V chunks, never materialised):
+Forward (one program per row, `kernels.utils.row_logsumexp_entropy`; the row is read once, in
+BLOCK_V chunks, never materialised):
 
     z_v = logits_v / T                    m = running max of z       s = Σ_v exp(z_v − m)
     a   = Σ_v exp(z_v − m) · (z_v − m)    (kept relative to m for accuracy; rescaled when m grows:
@@ -21,8 +22,8 @@ dtype — into a fresh buffer, or into the logits buffer itself (`inplace_backwa
 g = h = 0 (masked tokens) skip the read and write zeros.
 
 Without CUDA (or with impl="torch") the same math runs as plain torch over chunks of rows, so the
-extra memory is at most two [rows, V] float32 buffers with rows · V · 4 ≤ `TORCH_CHUNK_BYTES`
-(besides d logits), never N·V.
+extra memory is at most two [rows, V] float32 buffers with rows · V · 4 ≤ the chunk bound
+`kernels.utils.TORCH_CHUNK_BYTES` (besides d logits), never N·V.
 
 Simplifications: one program per row (no split of a row across programs, so very small N cannot
 fill a GPU); logits must have unit stride along V (other layouts are copied first).
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import output_buffer
+from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy, torch_chunk_bytes, unit_stride
 from kernels.validation import (
     check_logits,
     check_targets,
@@ -44,47 +45,9 @@ from kernels.validation import (
     resolve_impl,
 )
 
-# Bound on the float32 [rows, V] chunk of the torch path (its extra memory is at most 2 chunks besides
-# d logits). On CPU 8 MiB was fastest of 2-128 MiB (2 cores, N·V = 512·32000); on CUDA (impl="torch")
-# larger chunks amortise the per-chunk kernel launches.
-TORCH_CHUNK_BYTES = 8 << 20
-TORCH_CHUNK_BYTES_CUDA = 256 << 20
 # Under TRITON_INTERPRET=1 each block step costs a few numpy calls: blocks small enough that V = 1000
 # still takes several steps (the multi-block path is what the interpreter tests exercise).
 INTERPRETER_BLOCK_V = 256
-# float32 exp(x) is 0 for x < −104, so flooring log p at −1e4 changes no p·log p but avoids 0·(−inf).
-_LOGP_FLOOR = -1e4
-
-
-@triton.jit
-def _row_logsumexp_entropy(row_ptr, target, V, inv_t, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(lse, logp of `target`, entropy) of softmax(row * inv_t), streaming the row once."""
-    offs = tl.arange(0, BLOCK_V)  # [BLOCK_V]
-    m = float("-inf")  # running max of z
-    s = 0.0  # Σ exp(z − m)
-    a = 0.0  # Σ exp(z − m) · (z − m)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_V]
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference works
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)  # [BLOCK_V]
-        if WITH_ENTROPY:
-            zc = tl.where(z == float("-inf"), 0.0, z - m_ref)  # p·log p → 0 where p = 0
-            shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = 0 there; avoids −inf · 0
-            a = alpha * (a + shift * s) + tl.sum(e * zc, axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
-    m_fin = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log(s)
-    lse = m_fin + log_s
-    valid = (target >= 0) & (target < V)
-    z_t = tl.load(row_ptr + target, mask=valid, other=float("nan")).to(tl.float32) * inv_t  # out of range → NaN
-    entropy = 0.0
-    if WITH_ENTROPY:
-        entropy = log_s - a / s
-    return lse, z_t - lse, entropy
 
 
 @triton.jit
@@ -102,7 +65,7 @@ def _token_logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31 for N·V ≥ 2^31
     target = tl.load(targets_ptr + row)
-    lse, logp, entropy = _row_logsumexp_entropy(
+    lse, logp, entropy = row_logsumexp_entropy(
         logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=WITH_ENTROPY, BLOCK_V=BLOCK_V
     )
     tl.store(lse_ptr + row, lse)
@@ -169,15 +132,11 @@ def launch_config(v: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, i
     return block, num_warps
 
 
-def _unit_stride(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.stride(1) == 1 else logits.contiguous()
-
-
 def token_logprobs_fwd(
     logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Triton forward: float32 (logp [N], entropy [N] or None, lse [N]); rows with bad input give NaN/inf."""
-    logits = _unit_stride(logits)
+    logits, targets = unit_stride(logits), targets.contiguous()  # the kernel reads targets[row] at unit stride
     n, v = logits.shape
     logp = output_buffer((n,), dtype=torch.float32, device=logits.device)
     lse = output_buffer((n,), dtype=torch.float32, device=logits.device)
@@ -214,13 +173,13 @@ def token_logprobs_bwd(
 
     With `inplace=True` the gradient overwrites `logits` and `logits` is returned.
     """
-    logits = _unit_stride(logits)
+    logits, targets, lse = unit_stride(logits), targets.contiguous(), lse.contiguous()
     n, v = logits.shape
     dlogits = logits if inplace else output_buffer((n, v), dtype=logits.dtype, device=logits.device)
     g = g.to(torch.float32).contiguous()
     has_h = h is not None
     if has_h:
-        h = h.to(torch.float32).contiguous()
+        h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
     block_v, num_warps = launch_config(v, logits.dtype, is_interpreted(_token_logprobs_bwd_kernel))
     _token_logprobs_bwd_kernel[(n,)](
         logits,
@@ -243,8 +202,7 @@ def token_logprobs_bwd(
 
 def torch_chunk_rows(v: int, device: torch.device) -> int:
     """Rows per chunk of the torch path: a float32 [rows, V] buffer stays within the chunk bound."""
-    limit = TORCH_CHUNK_BYTES_CUDA if device.type == "cuda" else TORCH_CHUNK_BYTES
-    return max(1, limit // (4 * v))
+    return max(1, torch_chunk_bytes(device) // (4 * v))
 
 
 def token_logprobs_fwd_torch(
@@ -273,7 +231,7 @@ def token_logprobs_fwd_torch(
             z.sub_(lse_c.unsqueeze(1))  # log p
             p = torch.exp(z)  # [rows, V]
             # log p < −1e4 only where p is 0 in float32: the floor keeps p·log p = 0 there (not 0·−inf)
-            entropy[sl] = p.mul_(z.clamp_min_(_LOGP_FLOOR)).sum(dim=1).neg_()
+            entropy[sl] = p.mul_(z.clamp_min_(LOGP_FLOOR)).sum(dim=1).neg_()
             del p
         del z  # before the next chunk is allocated: at most two chunks live
     return logp, entropy, lse
@@ -323,7 +281,7 @@ def token_logprobs_bwd_torch(
         else:
             p = torch.exp(z)  # [rows, V]
             # −p (g + h (log p + H)) / T; the floor as in the forward (p = 0 there)
-            z.clamp_min_(_LOGP_FLOOR).add_(entropy[sl]).mul_(h[sl]).add_(g[sl]).mul_(p).mul_(-inv_t)
+            z.clamp_min_(LOGP_FLOOR).add_(entropy[sl]).mul_(h[sl]).add_(g[sl]).mul_(p).mul_(-inv_t)
         z.scatter_add_(1, t[sl], g_hit[sl])  # + g onehot / T
         if not direct:
             dlogits[sl] = z

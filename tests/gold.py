@@ -8,13 +8,18 @@ independently of `kernels` and of `kernels.reference` (which is checked against 
 * `gold_linear`: either of them on the materialised float64 logits hidden @ weight.T + bias, with
   d hidden, d weight, d bias by float64 autograd through the product.
 * `make_inputs` / `make_linear_inputs`: inputs that exercise every branch of the loss.
+* `loss_args`: keyword arguments of the loss ops, the hyperparameters gathered into a `LossConfig`
+  (the golds take them as plain keywords).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
+
+from kernels import LossConfig
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KLS = ("k1", "k2", "k3")
@@ -34,6 +39,15 @@ CONFIGS = [
     {"loss_agg": agg, "kl_type": kl, "clip_ratio_c": c, "entropy_coef": 0.01 * (i % 2), "kl_coef": 0.05}
     for i, (agg, kl, c) in enumerate(itertools.product(AGGS, KLS, (None, 3.0)))
 ]
+
+
+LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossConfig))
+
+
+def loss_args(**kwargs):
+    """`kwargs` of a loss op with the `LossConfig` fields among them replaced by `config=LossConfig(...)`."""
+    fields = {k: kwargs.pop(k) for k in LOSS_FIELDS if k in kwargs}
+    return {**kwargs, "config": LossConfig(**fields)}
 
 
 def config_id(cfg):

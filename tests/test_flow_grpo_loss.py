@@ -19,7 +19,6 @@ fp16 ≤ 3.4e-4, bf16 ≤ 6.2e-3 (bf16 rounding; truncation under the interprete
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -27,12 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from gold import AGGS, CONFIGS, METRICS, config_id, gold_loss, make_inputs
+from gold import AGGS, CONFIGS, METRICS, config_id, gold_loss, loss_args, make_inputs
 
-from kernels import LossOutput, flow_grpo_loss, reference
+from kernels import LossOutput, flow_grpo_loss, reference, utils
 from kernels.testing import AllocationTracker, assert_close
 
-tlp_module = importlib.import_module("kernels.token_logprobs")
 REPO = Path(__file__).resolve().parents[1]
 
 TORCH = pytest.param("torch", id="torch")
@@ -46,7 +44,7 @@ def check(impl, n, v, dtype, cfg, *, temperature=0.8, seed=0, inplace=False, dev
     kwargs = {**cfg, "temperature": temperature}
     base = logits.clone().requires_grad_()
     x = base * 1 if inplace else base
-    out = flow_grpo_loss(x, **inp, **kwargs, impl=impl, inplace_backward=inplace)
+    out = flow_grpo_loss(x, **inp, **loss_args(**kwargs), impl=impl, inplace_backward=inplace)
     assert isinstance(out, LossOutput) and out.loss.dim() == 0 and out.loss.dtype == torch.float32
     out.loss.backward()
     g_loss, g_metrics, g_grad = gold_loss(logits, **inp, **kwargs)
@@ -133,7 +131,9 @@ def test_all_masked_batch_is_zero_not_nan(impl, agg):
     inp["loss_mask"] = torch.zeros(63, dtype=torch.bool)
     inp["old_logprobs"][:5] = -200.0  # huge ratios on unmasked tokens must not leak in as inf·0
     logits = inp.pop("logits").requires_grad_()
-    out = flow_grpo_loss(logits, **inp, loss_agg=agg, kl_coef=0.1, entropy_coef=0.01, clip_ratio_c=3.0, impl=impl)
+    out = flow_grpo_loss(
+        logits, **inp, **loss_args(loss_agg=agg, kl_coef=0.1, entropy_coef=0.01, clip_ratio_c=3.0), impl=impl
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -150,7 +150,7 @@ def test_fully_masked_sequences_do_not_count(impl):
     inp["loss_mask"][31:33] = True
     logits = inp.pop("logits")
     for agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        out = flow_grpo_loss(logits, **inp, loss_agg=agg, impl=impl)
+        out = flow_grpo_loss(logits, **inp, **loss_args(loss_agg=agg), impl=impl)
         g_loss, g_metrics, _ = gold_loss(logits, **inp, loss_agg=agg)
         assert out.metrics["num_seqs"] == 2.0 == g_metrics["num_seqs"]
         assert_close(out.loss, g_loss, dtype=F32, name=agg)
@@ -160,15 +160,16 @@ def test_mask_dtypes_are_equivalent():
     inp = make_inputs(63, 97, F32, seed=7)
     mask = inp.pop("loss_mask")
     outs = [
-        flow_grpo_loss(**inp, loss_mask=m, loss_agg="seq-mean-token-mean") for m in (mask, mask.int(), mask.float())
+        flow_grpo_loss(**inp, loss_mask=m, **loss_args(loss_agg="seq-mean-token-mean"))
+        for m in (mask, mask.int(), mask.float())
     ]
     assert all(torch.equal(o.loss, outs[0].loss) and o.metrics == outs[0].metrics for o in outs)
 
 
 def test_auto_is_the_torch_path_on_cpu():
     inp = make_inputs(63, 97, F32)
-    a = flow_grpo_loss(**inp, kl_coef=0.1, impl="auto")
-    b = flow_grpo_loss(**inp, kl_coef=0.1, impl="torch")
+    a = flow_grpo_loss(**inp, **loss_args(kl_coef=0.1), impl="auto")
+    b = flow_grpo_loss(**inp, **loss_args(kl_coef=0.1), impl="torch")
     assert torch.equal(a.loss, b.loss) and a.metrics == b.metrics
 
 
@@ -176,7 +177,7 @@ def test_auto_is_the_torch_path_on_cpu():
 def test_reference_agrees_with_gold(cfg):
     inp = make_inputs(63, 97, F32, seed=8)
     logits = inp.pop("logits").double().requires_grad_()
-    ref = reference.flow_grpo_loss(logits, **inp, **cfg, temperature=0.8)
+    ref = reference.flow_grpo_loss(logits, **inp, **loss_args(**cfg, temperature=0.8))
     ref.loss.backward()
     g_loss, g_metrics, g_grad = gold_loss(logits, **inp, **cfg, temperature=0.8)
     # the reference's aggregation weights are float32: 6e-8 relative
@@ -190,14 +191,14 @@ def test_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):
     """Forward + backward of the torch path allocate d logits plus a few [rows, V] chunks, never N·V float32."""
     n, v = 257, 1000
     chunk = 16 * v * 4
-    monkeypatch.setattr(tlp_module, "TORCH_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(utils, "TORCH_CHUNK_BYTES", chunk)
     for dtype, inplace in ((BF16, False), (F32, True)):
         inp = make_inputs(n, v, dtype, seed=9)
         logits = inp.pop("logits")
         peaks = {}
         for name, fn in (
-            ("ours", lambda x: flow_grpo_loss(x, **inp, kl_coef=0.1, entropy_coef=0.01, impl="torch", inplace_backward=inplace)),  # noqa: B023
-            ("reference", lambda x: reference.flow_grpo_loss(x, **inp, kl_coef=0.1, entropy_coef=0.01)),  # noqa: B023
+            ("ours", lambda x: flow_grpo_loss(x, **inp, **loss_args(kl_coef=0.1, entropy_coef=0.01), impl="torch", inplace_backward=inplace)),  # noqa: B023
+            ("reference", lambda x: reference.flow_grpo_loss(x, **inp, **loss_args(kl_coef=0.1, entropy_coef=0.01))),  # noqa: B023
         ):  # fmt: skip
             leaf = logits.clone().requires_grad_()
             with AllocationTracker() as tracker:
@@ -217,7 +218,7 @@ class TestBadInput:
     def call(self, impl, **overrides):
         inp = make_inputs(63, 97, F32, seed=10)
         inp.update(overrides)
-        return flow_grpo_loss(**inp, impl=impl)
+        return flow_grpo_loss(**loss_args(**inp), impl=impl)
 
     def test_nan_logits_name_the_rows(self, impl):
         logits = make_inputs(63, 97, F32, seed=10)["logits"]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from gold import AGGS, CONFIGS, METRICS, config_id, gold_linear, gold_loss, make_linear_inputs
+from gold import AGGS, CONFIGS, METRICS, config_id, gold_linear, gold_loss, loss_args, make_linear_inputs
 from test_linear_token_logprobs import force_small_blocks
 
-from kernels import LossOutput, flow_grpo_loss, linear_flow_grpo_loss, reference
+from kernels import LossConfig, LossOutput, flow_grpo_loss, linear_flow_grpo_loss, reference
 from kernels.testing import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def check(impl, n, d, v, dtype, cfg, *, temperature=0.8, seed=0, with_bias=True,
     kwargs = {**kw, **cfg, "temperature": temperature}
     leaves = [None if x is None else x.clone().requires_grad_() for x in (hidden, weight, bias)]
     h, w, b = leaves
-    out = linear_flow_grpo_loss(h, w, *args, bias=b, **kwargs, impl=impl)
+    out = linear_flow_grpo_loss(h, w, *args, bias=b, **loss_args(**kwargs), impl=impl)
     assert isinstance(out, LossOutput) and out.loss.dim() == 0 and out.loss.dtype == torch.float32
     out.loss.backward()
     g_loss, g_metrics, g_grads = gold_linear(gold_loss, hidden, weight, bias, *args, **kwargs)
@@ -132,8 +132,8 @@ def test_same_as_flow_grpo_loss_on_materialised_logits(impl):
     cfg = {**CONFIGS[11], "temperature": 0.9}
     outs, grads = [], []
     for fn in (
-        lambda h, w, b: linear_flow_grpo_loss(h, w, *args, bias=b, **kw, **cfg, impl=impl),
-        lambda h, w, b: flow_grpo_loss(torch.nn.functional.linear(h, w, b), *args, **kw, **cfg, impl=impl),
+        lambda h, w, b: linear_flow_grpo_loss(h, w, *args, bias=b, **loss_args(**kw, **cfg), impl=impl),
+        lambda h, w, b: flow_grpo_loss(torch.nn.functional.linear(h, w, b), *args, **loss_args(**kw, **cfg), impl=impl),
     ):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
         out = fn(*leaves)
@@ -158,8 +158,8 @@ def test_all_masked_batch_is_zero_not_nan(impl, agg):
     mask = torch.zeros(63, dtype=torch.bool)
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     out = linear_flow_grpo_loss(
-        leaves[0], leaves[1], targets, old, adv, mask, bias=leaves[2], **kw,
-        loss_agg=agg, kl_coef=0.1, entropy_coef=0.01, clip_ratio_c=3.0, impl=impl,
+        leaves[0], leaves[1], targets, old, adv, mask, bias=leaves[2],
+        **loss_args(**kw, loss_agg=agg, kl_coef=0.1, entropy_coef=0.01, clip_ratio_c=3.0), impl=impl,
     )  # fmt: skip
     out.loss.backward()
     assert out.loss.item() == 0.0
@@ -176,7 +176,9 @@ def test_fully_masked_sequences_do_not_count(impl):
     mask[2:7] = True
     mask[31:33] = True
     for agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        out = linear_flow_grpo_loss(hidden, weight, targets, old, adv, mask, bias=bias, **kw, loss_agg=agg, impl=impl)
+        out = linear_flow_grpo_loss(
+            hidden, weight, targets, old, adv, mask, bias=bias, **loss_args(**kw, loss_agg=agg), impl=impl
+        )
         g_loss, g_metrics, _ = gold_linear(gold_loss, hidden, weight, bias, targets, old, adv, mask, **kw, loss_agg=agg)
         assert out.metrics["num_seqs"] == 2.0 == g_metrics["num_seqs"]
         assert_close(out.loss, g_loss, dtype=F32, name=agg)
@@ -199,7 +201,9 @@ def test_tied_embedding_gradients_accumulate(impl):
     with torch.no_grad():
         emb.weight.copy_(inp["weight"])
     cfg = {**kw, **CONFIGS[4], "temperature": 0.9}
-    out = run(emb.weight, lambda h, w: linear_flow_grpo_loss(h, w, targets, old, adv, mask, **cfg, impl=impl))
+    out = run(
+        emb.weight, lambda h, w: linear_flow_grpo_loss(h, w, targets, old, adv, mask, **loss_args(**cfg), impl=impl)
+    )
     out.loss.backward()
 
     w64 = inp["weight"].double().requires_grad_()
@@ -222,16 +226,16 @@ def test_tied_embedding_gradients_accumulate(impl):
 def test_autocast_does_not_lower_the_products():
     """The trainer calls the loss under autocast: the chunked products stay float32."""
     hidden, weight, bias, args, kw = split(make_linear_inputs(63, 96, 1000, F32, seed=12))
-    plain = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **kw, kl_coef=0.1)
+    plain = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **loss_args(**kw, kl_coef=0.1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **kw, kl_coef=0.1)
+        cast = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **loss_args(**kw, kl_coef=0.1))
     assert torch.equal(plain.loss, cast.loss) and plain.metrics == cast.metrics
 
 
 def test_auto_is_the_torch_path_on_cpu():
     hidden, weight, bias, args, kw = split(make_linear_inputs(63, 32, 97, F32))
-    a = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **kw, kl_coef=0.1, impl="auto")
-    b = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **kw, kl_coef=0.1, impl="torch")
+    a = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **loss_args(**kw, kl_coef=0.1), impl="auto")
+    b = linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **loss_args(**kw, kl_coef=0.1), impl="torch")
     assert torch.equal(a.loss, b.loss) and a.metrics == b.metrics
 
 
@@ -239,7 +243,9 @@ def test_auto_is_the_torch_path_on_cpu():
 def test_reference_agrees_with_gold(cfg):
     hidden, weight, bias, args, kw = split(make_linear_inputs(63, 32, 97, F32, seed=13))
     leaves = [x.double().requires_grad_() for x in (hidden, weight, bias)]
-    ref = reference.linear_flow_grpo_loss(leaves[0], leaves[1], *args, bias=leaves[2], **kw, **cfg, temperature=0.8)
+    ref = reference.linear_flow_grpo_loss(
+        leaves[0], leaves[1], *args, bias=leaves[2], **loss_args(**kw, **cfg, temperature=0.8)
+    )
     ref.loss.backward()
     g_loss, g_metrics, g_grads = gold_linear(gold_loss, hidden, weight, bias, *args, **kw, **cfg, temperature=0.8)
     # the reference's aggregation weights are float32: 6e-8 relative
@@ -272,7 +278,7 @@ def step(n, d, v):
     old = -torch.rand(n, generator=g) * 12  # ratios of every size: both clip sides are taken
     args = (targets, old, torch.randn(n, generator=g), torch.rand(n, generator=g) > 0.1)
     kw = dict(cu_seqlens=torch.tensor([0, n // 3, n], dtype=torch.int32), ref_logprobs=old + 0.1,
-              kl_coef=0.001, entropy_coef=0.01, clip_ratio_c=3.0)
+              config=kernels.LossConfig(kl_coef=0.001, entropy_coef=0.01, clip_ratio_c=3.0))
     return lambda: fn(h, w, *args, **kw).loss.backward()
 
 step(64, 64, 1000)()  # warm-up: thread pools and allocator arenas exist before the measurement
@@ -317,7 +323,7 @@ class TestBadInput:
         options = {k: overrides.pop(k) for k in list(overrides) if k not in inp}  # loss hyperparameters
         inp.update(overrides)
         hidden, weight, bias, args, kw = split(inp)
-        return linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **kw, **options, impl=impl)
+        return linear_flow_grpo_loss(hidden, weight, *args, bias=bias, **loss_args(**kw, **options), impl=impl)
 
     def test_nan_hidden_names_the_rows(self, impl):
         hidden = make_linear_inputs(63, 32, 97, F32, seed=10)["hidden"].clone()
@@ -393,7 +399,9 @@ def test_gpu_memory_at_7b_shape():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = linear_flow_grpo_loss(h, w, targets, old, adv, mask, cu_seqlens=cu, ref_logprobs=old + 0.1, kl_coef=0.001)
+    out = linear_flow_grpo_loss(
+        h, w, targets, old, adv, mask, LossConfig(kl_coef=0.001), cu_seqlens=cu, ref_logprobs=old + 0.1
+    )
     out.loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before

@@ -26,11 +26,10 @@ import pytest
 import torch
 from gold import gold_linear, gold_logprobs, make_linear_inputs
 
-from kernels import linear_token_logprobs, reference
+from kernels import linear_token_logprobs, reference, utils
 from kernels.testing import AllocationTracker, assert_close
 
 ltl_module = importlib.import_module("kernels.linear_token_logprobs")
-tlp_module = importlib.import_module("kernels.token_logprobs")
 REPO = Path(__file__).resolve().parents[1]
 TORCH = pytest.param("torch", id="torch")
 TRITON = pytest.param("triton", id="triton", marks=pytest.mark.interpreter)
@@ -96,7 +95,7 @@ def test_float16(impl):
 def force_small_blocks(monkeypatch):
     """Triton: one vocabulary block per forward split (the most splits to merge); torch: blocks of
     128 columns × 16 rows, so d weight / d bias are accumulated over several row blocks."""
-    monkeypatch.setattr(tlp_module, "TORCH_CHUNK_BYTES", 16 * 128 * 4)
+    monkeypatch.setattr(utils, "TORCH_CHUNK_BYTES", 16 * 128 * 4)
     real = ltl_module.linear_launch
 
     def one_block_per_split(n, v, dtype, device, interpreted):
@@ -190,7 +189,7 @@ def test_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):
     """Forward + backward allocate a few float32 [rows, V] chunks plus O((N + V)·d), never N·V."""
     n, d, v = 257, 32, 1000
     chunk = 16 * v * 4
-    monkeypatch.setattr(tlp_module, "TORCH_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(utils, "TORCH_CHUNK_BYTES", chunk)
     inp = make_linear_inputs(n, d, v, BF16, seed=7)
     gl, ge = torch.randn(n), torch.randn(n)
     peaks = {}

@@ -16,7 +16,6 @@ interpreter, whose fp32→bf16 conversion truncates instead of rounding: ≤ 2.1
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -26,10 +25,8 @@ import pytest
 import torch
 from gold import gold_logprobs
 
-from kernels import reference, token_logprobs
+from kernels import reference, token_logprobs, utils
 from kernels.testing import AllocationTracker, assert_close
-
-tlp_module = importlib.import_module("kernels.token_logprobs")
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH = pytest.param("torch", id="torch")
@@ -160,7 +157,7 @@ def test_torch_path_memory_is_bounded_by_the_chunk(monkeypatch):
     """Extra memory of the torch path is a few [rows, V] chunks, not N·V; the reference's is N·V-sized."""
     n, v = 257, 1000
     chunk = 16 * v * 4
-    monkeypatch.setattr(tlp_module, "TORCH_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(utils, "TORCH_CHUNK_BYTES", chunk)
     logits, targets = make(n, v, BF16)
     gl, gh = torch.randn(n), torch.randn(n)
     peaks = {}

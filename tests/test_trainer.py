@@ -13,7 +13,7 @@ import kernels
 from engine.model import body_params, build_random_model, forward_flops, hidden_states, lm_head_weight, load_planner
 from engine.packing import TrainSequence, pack, unpack_responses
 from engine.trainer import Trainer, TrainerConfig, flops_per_token, loss_functions
-from kernels import reference
+from kernels import LossConfig, reference
 from kernels.testing import assert_close
 
 
@@ -94,15 +94,9 @@ def gold_gradients(model64, seqs, old, ref, cfg: TrainerConfig) -> dict[str, tor
         torch.cat(old).double(),
         torch.cat([torch.full((n,), s.advantage, dtype=torch.float64) for s, n in zip(seqs, lens)]),
         torch.ones(sum(lens), dtype=torch.bool),
+        cfg.loss,
         cu_seqlens=cu,
         ref_logprobs=None if ref is None else torch.cat(ref).double(),
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        clip_ratio_c=cfg.clip_ratio_c,
-        kl_coef=cfg.kl_coef,
-        kl_type=cfg.kl_type,
-        entropy_coef=cfg.entropy_coef,
-        loss_agg=cfg.loss_agg,
     )
     out.loss.backward()
     return grads(model64)
@@ -197,12 +191,9 @@ def test_tis_folded_into_the_advantage_equals_explicit_weighting():
                 old,
                 adv * w,
                 mask,
+                LossConfig(kl_coef=0.1, entropy_coef=0.01, loss_agg=agg, **kw),
                 cu_seqlens=cu,
                 ref_logprobs=ref,
-                kl_coef=0.1,
-                entropy_coef=0.01,
-                loss_agg=agg,
-                **kw,
             ).loss
             (gf,) = torch.autograd.grad(folded, logits)
             logp, ent = reference.token_logprobs(logits, targets, return_entropy=True)
