@@ -194,7 +194,7 @@ def request_seed(seed: int | None, trajectory: int, turn: int, role: str) -> int
 def resolve_schedule(config: AgentConfig, models: RoleModels, tools: Sequence[Tool]) -> str:
     """The schedule that runs: `config.schedule`, with "auto" = continuous iff every model involved streams."""
     involved = [models.of(r) for r in ("planner", "executor", "verifier", "generator")]
-    involved += [t.engine for t in tools if isinstance(t, BaseGenerator)]
+    involved += [getattr(t.engine, "engine", t.engine) for t in tools if isinstance(t, BaseGenerator)]
     streaming = all(isinstance(m, StreamingLanguageModel) for m in involved)
     if config.schedule == "continuous" and not streaming:
         raise ValueError(

@@ -140,7 +140,8 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
                 result = ToolResult(False, f"error: {err}")
             elif isinstance(tool, BaseGenerator):
                 ids = tool.prompt_ids(command)
-                gen = None if ids is None else (yield _Ask("base_generator", tool.engine, ids, tool.sampling()))
+                model = getattr(tool.engine, "engine", tool.engine)  # the model behind the tool's counting Caller
+                gen = None if ids is None else (yield _Ask("base_generator", model, ids, tool.sampling()))
                 result = BaseGenerator.result(gen)
             else:
                 result = yield _Call(tool, command)
@@ -213,6 +214,9 @@ def run_continuous(
             if hasattr(getattr(agents, r), "caller")
         },
     }
+    for tool in agents.tools.values():
+        if isinstance(tool, BaseGenerator) and hasattr(tool.engine, "count"):
+            callers["base_generator"] = tool.engine
     progs = [_trajectory(k, s, agents, config, seed) for k, s in enumerate(states)]
     models: dict[int, StreamingLanguageModel] = {}
     asked: dict[tuple[int, int], tuple[int, _Ask, float]] = {}  # (model, request id) -> (trajectory, request, t)
