@@ -201,7 +201,11 @@ def run_trajectories(
     )
 
     states = [
-        _State(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
+        _State(
+            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer, source=q.source),
+            q,
+            Memory(query=q.question),
+        )
         for q in queries
         for g in range(group_size)
     ]

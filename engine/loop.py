@@ -52,7 +52,7 @@ import torch
 from agentflow.agents import Caller, Planner
 from agentflow.chat import stop_ids
 from agentflow.runner import RoleModels, RolloutResult, build_tools, run_trajectories
-from agentflow.tasks import load_jsonl, load_task
+from agentflow.tasks import load_queries, load_task
 from agentflow.tasks.query import Query
 from engine.advantage import group_advantages, train_sequences
 from engine.build import build_engine, build_planner, build_tokenizer, choose_engine, planner_dir
@@ -92,6 +92,8 @@ class TrainLoop:
         mc = config.model
         self.device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
+        # data files are read (and a bad one refused) before any model is built
+        self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
         self.model_dir = planner_dir(mc, self.run_dir, self.notes)
@@ -113,7 +115,6 @@ class TrainLoop:
         self.trainer, self.memory = self._build_trainer()
         self.start_step, self.writer = self._restore(resume)
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
-        self._queries_cache: list[Query] | None = None
 
     # ---- building ----
 
@@ -192,15 +193,11 @@ class TrainLoop:
     # ---- the steps ----
 
     def queries(self, step: int) -> list[Query]:
-        """The step's B queries: a built-in task seeded by (run seed, step), or the next B of a JSONL file."""
+        """The step's B queries: a built-in task seeded by (run seed, step), or the next B of the data file."""
         tc = self.config.task
-        if tc.data is None:
+        if self.train_queries is None:
             return load_task(tc.name, tc.queries_per_step, seed=self.config.seed * 100_003 + step)
-        if self._queries_cache is None:
-            self._queries_cache = load_jsonl(tc.data)
-            if not self._queries_cache:
-                raise ValueError(f"{tc.data} holds no queries")
-        data = self._queries_cache
+        data = self.train_queries
         start = (step - 1) * tc.queries_per_step
         return [data[(start + i) % len(data)] for i in range(tc.queries_per_step)]
 

@@ -37,15 +37,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-coef", type=float, help="KL coefficient (0: no reference model)")
     p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
-    p.add_argument("--data", help="JSONL of {question, answer} to train on instead of the preset's task")
+    p.add_argument(
+        "--data", help="training data instead of the preset's task: .jsonl, .parquet, or AgentFlow's benchmark .json"
+    )
+    p.add_argument("--question-key", help="column of the question (default: query, question, problem, prompt)")
+    p.add_argument("--answer-key", help="column of the answer(s) (default: answer, golden_answers, result, ...)")
+    p.add_argument("--id-key", help="column of the id (default: id, pid, idx; else <file>-<row>)")
+    p.add_argument("--source-key", help="column of the data source (default: source, data_source; else the file)")
+    p.add_argument("--answer-sep", help='split string answers into several acceptable ones ("; " for AgentFlow\'s NQ)')
+    p.add_argument("--val-data", nargs="+", help="validation files (same formats and column flags as --data)")
+    p.add_argument("--val-every", type=int, help="validate every K steps (greedy, one trajectory per query)")
+    p.add_argument("--val-before-train", action="store_true", default=None, help="validate once before step 1")
 
 
 def config_from_args(args: argparse.Namespace):
     """The preset's RunConfig with the command line's overrides applied."""
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
+    names += ("question_key", "answer_key", "id_key", "source_key", "answer_sep", "val_every", "val_before_train")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
-    return with_overrides(cfg, **{n: getattr(args, n) for n in names})
+    val = tuple(args.val_data) if args.val_data else None
+    return with_overrides(cfg, val_data=val, **{n: getattr(args, n) for n in names})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -133,3 +133,21 @@ def test_mfu():
     assert mfu(1e12, 1.0, None) is None
     assert mfu(1e12, 0.0, 989e12) is None
     assert mfu(989e12 / 2, 1.0, 989e12) == pytest.approx(0.5)
+
+
+def test_reward_per_data_source_and_dynamic_keys():
+    from agentflow.trajectory import Trajectory
+    from engine.metrics import is_declared, reward_by_source
+
+    trajs = [
+        Trajectory("a", 0, "q", "g", reward=1.0, source="nq"),
+        Trajectory("a", 1, "q", "g", reward=0.0, source="nq"),
+        Trajectory("b", 0, "q", "g", reward=1.0, source="mathhard"),
+        Trajectory("c", 0, "q", "g", reward=1.0),  # no source: not reported per source
+    ]
+    assert reward_by_source(trajs) == {"reward/mathhard/mean": 1.0, "reward/nq/mean": 0.5}
+    for key in ("reward/nq/mean", "reward/openai/gsm8k/mean", "val/aime24/accuracy", "val/accuracy", "step"):
+        assert is_declared(key), key
+    assert is_declared("memory/gen/rss_gb")
+    for key in ("reward/nq/median", "val/accuracy/x", "rewards/nq/mean", "banana"):
+        assert not is_declared(key), key

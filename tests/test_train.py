@@ -21,7 +21,7 @@ import torch
 
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from engine.loop import TrainLoop
-from engine.metrics import STEP_KEYS, read_metrics
+from engine.metrics import STEP_KEYS, is_declared, read_metrics
 from engine.presets import TOY_TOOLS, RunConfig, preset, toy
 from engine.tiny import TinyConfig, make_tiny
 
@@ -69,7 +69,7 @@ def check_lines(rows: list[dict], steps: list[int]) -> None:
     for r in rows:
         missing = [k for k in STEP_KEYS if k not in r]
         assert not missing, f"step {r['step']}: metrics without {missing}"
-        undeclared = [k for k in r if k not in STEP_KEYS and not k.startswith("memory/")]
+        undeclared = [k for k in r if not is_declared(k)]
         assert not undeclared, f"step {r['step']}: keys written but not declared in STEP_KEYS: {undeclared}"
         never = [k for k in STEP_KEYS if r[k] is None and k not in MAY_BE_NULL]
         assert not never, f"step {r['step']}: declared keys never filled in: {never}"
@@ -382,3 +382,14 @@ def test_command_line_overrides():
     assert (cfg.task.group_size, cfg.task.queries_per_step, cfg.model.path) == (6, 5, "m")
     assert (cfg.trainer.lr, cfg.trainer.micro_batch_tokens, cfg.trainer.kl_coef) == (0.01, 999, 0.1)
     assert cfg.rollout.engine == "embedded" and cfg.agent.planner_format == "tool_token"
+
+
+def test_a_bad_data_file_fails_before_any_model_is_built(tmp_path):
+    from engine.presets import with_overrides
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
+    cfg = with_overrides(preset("tiny", run_dir=str(tmp_path / "run")), data=str(bad))
+    with pytest.raises(ValueError, match=r"train.jsonl:2: missing field 'answer'"):
+        TrainLoop(cfg)
+    assert not (tmp_path / "run" / "model").exists()
