@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("engine.tiny", "build a tiny tokenizer + random Qwen2 model locally (no network)"),
     "train": ("engine.train", "Flow-GRPO training of the planner in the colocated loop (the main job)"),
     "solve": ("engine.solve", "run the four-agent loop on a task set and write trajectories"),
+    "eval": ("engine.eval", "accuracy per benchmark (AgentFlow's test layout), greedy, with 95% intervals"),
     "check-sync": ("engine.check_sync", "perturb trainer weights, sync them into the rollout engine, report the gap"),
     "bench": ("bench.cli", "micro-benchmarks, step-time breakdown and group-size scaling"),
 }
