@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentflow.lm import LanguageModel
 from agentflow.runner import AGENT_MODES, AgentConfig, RoleModels, run_trajectories
 from agentflow.tasks import DataSpec, Query, load_queries
 from agentflow.tools import TOOL_NAMES
@@ -108,7 +109,7 @@ class BenchResult:
 
 
 def evaluate(
-    models: RoleModels,
+    models: RoleModels | LanguageModel,
     benchmarks: dict[str, list[Query]],
     config: AgentConfig,
     *,

@@ -204,6 +204,7 @@ class StepRecord:
     train_tokens: int  # packed tokens processed by the update (all epochs)
     peak_flops: float | None
     elapsed_s: float
+    validation: Mapping[str, Any] | None = None  # val/* of a validation step (engine.loop), else None
 
     def to_metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = dict.fromkeys(STEP_KEYS)
@@ -229,6 +230,7 @@ class StepRecord:
         m["perf/time_per_step"] = self.timings.phases.get("step")
         m.update(memory_metrics(self.memory))
         m["time/elapsed_s"] = self.elapsed_s
+        m.update(self.validation or {})
         return m
 
 
