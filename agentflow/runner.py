@@ -41,6 +41,7 @@ from agentflow.tasks.query import Query
 from agentflow.timing import NO_TIMER, Timer
 from agentflow.tools import TOOL_NAMES, BaseGenerator, Calculator, PythonTool, SandboxLimits, Search, Tool
 from agentflow.tools.base import run_tool_calls, truncate
+from agentflow.tools.search import open_index
 from agentflow.trajectory import Trajectory, Turn
 
 ROLES = ("planner", "executor", "tools", "verifier", "generator")  # the timer spans of one rollout
@@ -71,6 +72,8 @@ class AgentConfig:
     tool_timeout_s: float = 30.0  # wall-clock bound on one local tool call (python has its own limits)
     tool_workers: int = 8
     search_top_k: int = 3
+    search_corpus: str | None = None  # JSONL/parquet of id, title, text (None: the shipped corpus)
+    search_index_dir: str | None = None  # where its bm25s index lives (None: <corpus>.bm25s)
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,8 @@ class AgentConfig:
             raise ValueError(
                 f"context_budget ({self.context_budget}) must exceed planner_max_new_tokens ({self.planner_max_new_tokens})"
             )
+        if self.search_top_k < 1:
+            raise ValueError(f"search_top_k must be >= 1, got {self.search_top_k}")
         if self.tool_result_chars < 1 or self.tool_workers < 1:
             raise ValueError("tool_result_chars and tool_workers must be >= 1")
 
@@ -145,7 +150,10 @@ def build_tools(config: AgentConfig, model: LanguageModel) -> list[Tool]:
     make = {
         "calculator": lambda: Calculator(),
         "python": lambda: PythonTool(config.sandbox),
-        "search": lambda: Search(top_k=config.search_top_k),
+        "search": lambda: Search(
+            open_index(config.search_corpus, config.search_index_dir) if config.search_corpus else None,
+            top_k=config.search_top_k,
+        ),
         "base_generator": lambda: BaseGenerator(model, max_new_tokens=config.base_generator_max_new_tokens),
     }
     return [make[name]() for name in config.tools]

@@ -5,6 +5,7 @@
     step      the phase breakdown of a few training steps of a preset, per rollout engine (`bench.step`)
     scale     a sweep of the group size G at fixed queries and hardware, until the first OOM (`bench.scale`)
     allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
+    retrieval build/load time and queries/s of the search indexes on a generated corpus (`bench.retrieval`)
 
 Each module defines `add_arguments(parser)` and `main(args) -> int`; this one only dispatches, and imports
 only the chosen module (as `engine.cli` does for commands).
@@ -20,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("bench.step", "phase breakdown of a few training steps (seconds, share, tokens/s, memory)"),
     "scale": ("bench.scale", "group-size sweep until the first out-of-memory: step time, tokens/s, memory"),
     "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
+    "retrieval": ("bench.retrieval", "search index build time, load time and queries/s on a generated corpus"),
 }
 
 

@@ -39,6 +39,7 @@ from agentflow.lm import LanguageModel
 from agentflow.runner import AGENT_MODES, AgentConfig, RoleModels, run_trajectories
 from agentflow.tasks import DataSpec, Query, load_queries
 from agentflow.tools import TOOL_NAMES
+from agentflow.tools.search import open_index
 from agentflow.trajectory import Trajectory
 from engine.fsio import atomic_write_json
 from engine.timer import PhaseTimer
@@ -181,6 +182,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for role in ("executor", "verifier", "generator"):
         p.add_argument(f"--{role}", choices=AGENT_MODES, default=getattr(d, role), help=f"{role}: LLM or rule-based")
     p.add_argument("--judge", choices=AGENT_MODES, default="rule", help="each query's rule judge, or an LLM judge")
+    p.add_argument("--corpus", help="JSONL or parquet of id, title, text for the search tool (default: shipped)")
+    p.add_argument("--corpus-index", help="directory of the corpus's persistent index (default <corpus>.bm25s)")
+    p.add_argument("--search-top-k", type=int, default=d.search_top_k, help="passages per search call")
     p.add_argument("--tools", default=",".join(d.tools), help=f"comma-separated subset of {','.join(TOOL_NAMES)}")
     p.add_argument("--engine", choices=("auto", "embedded", "vllm"), default="auto")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -221,7 +225,14 @@ def main(args: argparse.Namespace) -> int:
             generator=args.generator,
             judge=args.judge,
             tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
+            search_corpus=args.corpus,
+            search_index_dir=args.corpus_index,
+            search_top_k=args.search_top_k,
         )
+        if config.search_corpus and "search" in config.tools:
+            index = open_index(config.search_corpus, config.search_index_dir)
+            how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
+            print(f"search corpus {config.search_corpus}: {index.num_passages} passages, index {how}", flush=True)
         from engine.build import build_engine, choose_engine
         from engine.model import check_model_dir
         from engine.presets import RolloutConfig

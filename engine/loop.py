@@ -59,6 +59,7 @@ from agentflow.chat import stop_ids
 from agentflow.runner import RoleModels, RolloutResult, build_tools, run_trajectories
 from agentflow.tasks import load_queries, load_task
 from agentflow.tasks.query import Query
+from agentflow.tools.search import open_index
 from engine.advantage import group_advantages, train_sequences
 from engine.build import build_engine, build_planner, build_tokenizer, choose_engine, planner_dir
 from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
@@ -109,6 +110,10 @@ class TrainLoop:
         # data files are read (and a bad one refused) before any model is built
         self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
         self.val_queries = [q for f in config.task.val_data for q in load_queries(f, config.task.spec())]
+        if config.agent.search_corpus and "search" in config.agent.tools:
+            index = open_index(config.agent.search_corpus, config.agent.search_index_dir)
+            how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
+            self.notes.append(f"search corpus {config.agent.search_corpus}: {index.num_passages} passages, index {how}")
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
         self.model_dir = planner_dir(mc, self.run_dir, self.notes)

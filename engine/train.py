@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", nargs="+", help="validation files (same formats and column flags as --data)")
     p.add_argument("--val-every", type=int, help="validate every K steps (greedy, one trajectory per query)")
     p.add_argument("--val-before-train", action="store_true", default=None, help="validate once before step 1")
+    p.add_argument("--corpus", help="JSONL or parquet of id, title, text for the search tool (default: shipped)")
+    p.add_argument("--corpus-index", help="directory of the corpus's persistent index (default <corpus>.bm25s)")
+    p.add_argument("--search-top-k", type=int, help="passages per search call")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -55,6 +58,7 @@ def config_from_args(args: argparse.Namespace):
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     names += ("question_key", "answer_key", "id_key", "source_key", "answer_sep", "val_every", "val_before_train")
+    names += ("corpus", "corpus_index", "search_top_k")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
     val = tuple(args.val_data) if args.val_data else None
     return with_overrides(cfg, val_data=val, **{n: getattr(args, n) for n in names})
