@@ -84,3 +84,12 @@ def test_bad_corpus_rows_are_named(tmp_path, content, message):
 def test_missing_corpus(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"search corpus .* not found"):
         CorpusIndex.open(Path(tmp_path) / "nope.jsonl")
+
+
+def test_retrieval_benchmark_runs_and_reports_its_conditions(tmp_path):
+    from bench.retrieval import run
+
+    res = run(passages=300, queries=40, k=3, seed=0, python_bm25=True, work=tmp_path)
+    assert res["conditions"]["passages"] == 300 and res["conditions"]["bm25s"]
+    assert res["bm25s"]["build_s"] > 0 and res["bm25s"]["load_s"] > 0 and res["bm25s"]["queries_per_s"] > 0
+    assert res["bm25s"]["queries_with_hits"] == 40 and res["python_bm25"]["queries"] == 2
