@@ -49,6 +49,7 @@ from agentflow.tasks.query import Query
 from agentflow.timing import NO_TIMER, Timer
 from agentflow.tools import TOOL_NAMES, BaseGenerator, Calculator, PythonTool, SandboxLimits, Search, Tool
 from agentflow.tools.base import run_tool_calls, truncate
+from agentflow.tools.search import open_index
 from agentflow.trajectory import Trajectory, Turn
 
 ROLES = ("analysis", "planner", "executor", "tools", "verifier", "generator")  # the timer spans of one rollout
@@ -84,6 +85,8 @@ class AgentConfig:
     tool_timeout_s: float = 30.0  # wall-clock bound on one local tool call (python has its own limits)
     tool_workers: int = 8
     search_top_k: int = 3
+    search_corpus: str | None = None  # JSONL/parquet of id, title, text (None: the shipped corpus)
+    search_index_dir: str | None = None  # where its bm25s index lives (None: <corpus>.bm25s)
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     schedule: str = "auto"  # "auto" (continuous when every model streams), "continuous" or "lockstep"
 
@@ -106,6 +109,8 @@ class AgentConfig:
             raise ValueError(
                 f"context_budget ({self.context_budget}) must exceed planner_max_new_tokens ({self.planner_max_new_tokens})"
             )
+        if self.search_top_k < 1:
+            raise ValueError(f"search_top_k must be >= 1, got {self.search_top_k}")
         if self.tool_result_chars < 1 or self.tool_workers < 1:
             raise ValueError("tool_result_chars and tool_workers must be >= 1")
 
@@ -170,7 +175,10 @@ def build_tools(config: AgentConfig, model: LanguageModel) -> list[Tool]:
     make = {
         "calculator": lambda: Calculator(),
         "python": lambda: PythonTool(config.sandbox),
-        "search": lambda: Search(top_k=config.search_top_k),
+        "search": lambda: Search(
+            open_index(config.search_corpus, config.search_index_dir) if config.search_corpus else None,
+            top_k=config.search_top_k,
+        ),
         "base_generator": lambda: BaseGenerator(model, max_new_tokens=config.base_generator_max_new_tokens),
     }
     return [make[name]() for name in config.tools]
@@ -272,7 +280,11 @@ def run_trajectories(
         return run_continuous(agents, queries, group_size, config, seed=seed, timer=timer, analyses=analyses)
 
     states = [
-        _State(Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer), q, Memory(query=q.question))
+        _State(
+            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer, source=q.source),
+            q,
+            Memory(query=q.question),
+        )
         for q in queries
         for g in range(group_size)
     ]

@@ -46,6 +46,7 @@ class Trajectory:
     stop_reason: str = ""
     turns: list[Turn] = field(default_factory=list)
     memory: Memory | None = None
+    source: str = ""  # the query's data source (reward per source in the metrics, accuracy per benchmark)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,6 +7,7 @@
     rollout   lock-step against continuous scheduling of the four-agent loop on vLLM (`bench.rollout`)
     allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
     ceilings  copy GB/s, matmul TFLOP/s at the LM-head shapes, pinned host<->device GB/s (`bench.ceilings`)
+    retrieval build/load time and queries/s of the search indexes on a generated corpus (`bench.retrieval`)
 
 Each module defines `add_arguments(parser)` and `main(args) -> int`; this one only dispatches, and imports
 only the chosen module (as `engine.cli` does for commands).
@@ -24,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("bench.rollout", "lock-step vs continuous rollout scheduling: trajectories/s, busy fraction, latency"),
     "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
     "ceilings": ("bench.ceilings", "the device's ceilings: copy GB/s, LM-head matmul TFLOP/s, pinned copy GB/s"),
+    "retrieval": ("bench.retrieval", "search index build time, load time and queries/s on a generated corpus"),
 }
 
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-model": ("engine.make_model", "build an HF model directory from installed files (SmolLM2, tiny Llama)"),
     "train": ("engine.train", "Flow-GRPO training of the planner in the colocated loop (the main job)"),
     "solve": ("engine.solve", "run the four-agent loop on a task set and write trajectories"),
+    "eval": ("engine.eval", "accuracy per benchmark (AgentFlow's test layout), greedy, with 95% intervals"),
     "check-sync": ("engine.check_sync", "perturb trainer weights, sync them into the rollout engine, report the gap"),
     "bench": ("bench.cli", "micro-benchmarks, step-time breakdown and group-size scaling"),
 }

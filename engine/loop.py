@@ -21,6 +21,11 @@ wake ⊃ update_weights):
     gap_probe  the rollout/trainer gap on `gap_probe_seqs` sequences, before and after the sync, on
                step 1 and every `gap_probe_every`-th step (`sync/gap_probed`; the gap keys are null otherwise)
     wake       trainer state off the device, engine weights awake, sync (update_weights), KV cache awake
+    validate   every `val_every` steps and at the last (with validation data): one greedy trajectory per
+               validation query on the just-synced engine (`engine.eval.evaluate`); val/<source>/accuracy
+               and val/accuracy in the record and validation.jsonl; a new best accuracy saves the weights
+               to run_dir/best/checkpoints/step_N (one kept). `val_before_train` validates once before
+               the first step (validation.jsonl only)
     save_checkpoint    every `save_every` steps and at the last step
 
 The gap, three ways: `training/rollout_logprob_diff_*` (every step, all response tokens: the engine's
@@ -60,8 +65,9 @@ import torch
 from agentflow.agents import Caller, Planner
 from agentflow.chat import stop_ids
 from agentflow.runner import RoleModels, RolloutResult, build_tools, run_trajectories
-from agentflow.tasks import load_jsonl, load_task
+from agentflow.tasks import load_queries, load_task
 from agentflow.tasks.query import Query
+from agentflow.tools.search import open_index
 from engine.advantage import group_advantages, train_sequences
 from engine.build import (
     build_engine,
@@ -74,6 +80,7 @@ from engine.build import (
 )
 from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
 from engine.device_memory import DeviceMemoryManager, HostOffloader, PhaseMemory, nvml
+from engine.eval import evaluate
 from engine.fsio import atomic_write_bytes
 from engine.logprob_gap import trainer_logprobs
 from engine.metrics import COLUMNS, ConsoleReporter, MetricsWriter, StepRecord, peak_flops, read_metrics, step_trace
@@ -83,6 +90,14 @@ from engine.presets import RunConfig
 from engine.rollout.protocol import SamplingConfig
 from engine.timer import PhaseTimer
 from engine.trainer import Trainer
+
+BEST = "best"  # run_dir/best/checkpoints/step_N: the weights with the best validation accuracy so far
+VALIDATION_FILE = "validation.jsonl"  # one line per validation (including the one before training)
+
+
+def _val_line(m: dict[str, Any]) -> str:
+    per = "  ".join(f"{k.split('/', 1)[1].rsplit('/', 1)[0]} {v:.3f}" for k, v in m.items() if k.count("/") == 2)
+    return f"accuracy {m['val/accuracy']:.3f} over {m['val/num_queries']} queries ({per})"
 
 
 def fused_loss_available() -> bool:
@@ -108,6 +123,13 @@ class TrainLoop:
         mc = config.model
         self.device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
+        # data files are read (and a bad one refused) before any model is built
+        self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
+        self.val_queries = [q for f in config.task.val_data for q in load_queries(f, config.task.spec())]
+        if config.agent.search_corpus and "search" in config.agent.tools:
+            index = open_index(config.agent.search_corpus, config.agent.search_index_dir)
+            how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
+            self.notes.append(f"search corpus {config.agent.search_corpus}: {index.num_passages} passages, index {how}")
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
         self.model_dir = planner_dir(mc, self.run_dir, self.notes)
@@ -143,8 +165,10 @@ class TrainLoop:
         )
         self.helper_sleeps = config.helper.kind == "vllm"  # a second engine with its own device memory
         self.start_step, self.writer = self._restore(resume)
+        self.val_writer = MetricsWriter(self.run_dir, resume_step=self.start_step - 1, filename=VALIDATION_FILE)
+        best = load_latest(self.run_dir / BEST) if resume else None
+        self.best_val = best.state.get("val/accuracy") if best is not None else None
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
-        self._queries_cache: list[Query] | None = None
         self.rollout_queue: list | None = None  # the last rollout's queue-depth samples (for the Chrome trace)
 
     # ---- building ----
@@ -211,7 +235,14 @@ class TrainLoop:
         if (self.run_dir / CHECKPOINTS).exists():
             shutil.rmtree(self.run_dir / CHECKPOINTS)
             old.append(CHECKPOINTS + "/")
-        for p in [self.run_dir / "metrics.jsonl", *self.run_dir.glob("trace_step_*.json")]:
+        if (self.run_dir / BEST).exists():
+            shutil.rmtree(self.run_dir / BEST)
+            old.append(BEST + "/")
+        for p in [
+            self.run_dir / "metrics.jsonl",
+            self.run_dir / VALIDATION_FILE,
+            *self.run_dir.glob("trace_step_*.json"),
+        ]:
             if p.exists():
                 p.unlink()
                 old.append(p.name)
@@ -224,15 +255,11 @@ class TrainLoop:
     # ---- the steps ----
 
     def queries(self, step: int) -> list[Query]:
-        """The step's B queries: a built-in task seeded by (run seed, step), or the next B of a JSONL file."""
+        """The step's B queries: a built-in task seeded by (run seed, step), or the next B of the data file."""
         tc = self.config.task
-        if tc.data is None:
+        if self.train_queries is None:
             return load_task(tc.name, tc.queries_per_step, seed=self.config.seed * 100_003 + step)
-        if self._queries_cache is None:
-            self._queries_cache = load_jsonl(tc.data)
-            if not self._queries_cache:
-                raise ValueError(f"{tc.data} holds no queries")
-        data = self._queries_cache
+        data = self.train_queries
         start = (step - 1) * tc.queries_per_step
         return [data[(start + i) % len(data)] for i in range(tc.queries_per_step)]
 
@@ -265,12 +292,16 @@ class TrainLoop:
         try:
             # the engine starts from the checkpoint's (or the base) weights: sync them once before step 1
             self.memory.to_rollout(weights=self.model.named_parameters)
+            if cfg.task.val_before_train:
+                before = self._validate(self.start_step - 1)
+                print(f"validation before step {self.start_step}: {_val_line(before)}", file=self.out, flush=True)
             for step in range(self.start_step, cfg.steps + 1):
                 with step_trace(self.run_dir, step, cfg.trace_step, queue=lambda: self.rollout_queue):
                     last = self.step(step)
         finally:
             self.reporter.close()
             self.writer.close()
+            self.val_writer.close()
         print(
             f"done: {cfg.steps} steps in {time.perf_counter() - self.t_start:.1f}s; metrics in {self.writer.path}",
             file=self.out,
@@ -324,6 +355,10 @@ class TrainLoop:
             if probe:
                 with timer.phase("gap_probe"):
                     gaps.update(self._after_sync_gap(seqs, step))
+            validation: dict[str, Any] = {}
+            if cfg.task.val_every and (step % cfg.task.val_every == 0 or step == cfg.steps):
+                with timer.phase("validate"):
+                    validation = self._validate(step)
 
             def record() -> dict[str, Any]:
                 return StepRecord(
@@ -345,6 +380,7 @@ class TrainLoop:
                     train_tokens=int(train["actor/num_packed_tokens"] * cfg.trainer.ppo_epochs),
                     peak_flops=peak_flops(self.device, self.trainer.compute_dtype or self.model.dtype),
                     elapsed_s=time.perf_counter() - self.t_start,
+                    validation=validation,
                 ).to_metrics()
 
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -382,6 +418,26 @@ class TrainLoop:
         out = stats.as_metrics()
         out["adv/zero_var_group_frac"] = stats.num_zero_var_groups / max(1, stats.num_groups)
         return seqs, out
+
+    def _validate(self, step: int) -> dict[str, Any]:
+        """Greedy rollouts of every validation query (one each); val/<source>/accuracy, val/accuracy. The
+        weights of a step that beats the best accuracy so far go to run_dir/best (the best checkpoint)."""
+        agent = dataclasses.replace(self.config.agent, temperature=0.0)
+        by_source: dict[str, list[Query]] = {}
+        for q in self.val_queries:
+            by_source.setdefault(q.source, []).append(q)
+        with self.memory.phase("validate"):
+            rows, _ = evaluate(RoleModels(planner=self.engine), by_source, agent, seed=self.config.seed * 7 + step)
+        rows = rows[: len(by_source)]  # without the pooled row
+        out: dict[str, Any] = {f"val/{r.name}/accuracy": r.accuracy for r in rows}
+        out["val/accuracy"] = sum(r.correct for r in rows) / len(self.val_queries)
+        out["val/num_queries"] = len(self.val_queries)
+        self.val_writer.write(step, out)
+        if step >= 1 and (self.best_val is None or out["val/accuracy"] > self.best_val):
+            self.best_val = out["val/accuracy"]
+            state = {"val/accuracy": self.best_val, "preset": self.config.preset, "validation": out}
+            save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1)
+        return out
 
     def _stale_gap(self, seqs: list[TrainSequence]) -> dict[str, float | None]:
         """The engine's log-probs (pre-update weights) vs the updated policy, on the same tokens."""

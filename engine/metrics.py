@@ -3,8 +3,9 @@
 - `StepRecord`: the typed parts of one step (rollout result, advantages, trainer metrics, the
   clock, the memory hand-over, gap probes, memory snapshots); `to_metrics()` flattens it into
   the metrics line. `STEP_KEYS` declares every key of that line (a test checks that every key
-  written is declared and every declared key is written); `memory/<phase>/<field>` keys exist for
-  every phase that ran. Names follow verl where verl has the metric.
+  written is declared and every declared key is written); keys with a data-dependent part
+  (`DYNAMIC_KEYS`: memory per phase, reward per data source, validation accuracy per source) exist
+  where that part does; `is_declared` checks both. Names follow verl where verl has the metric.
 - `COLUMNS`: the console table (key, header, format).
 - `MetricsWriter`: one JSON object per line in `run_dir/metrics.jsonl`, each line one `write`
   of the whole encoded line to an O_APPEND descriptor, then fsync; non-finite floats become null
@@ -22,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -153,6 +155,22 @@ STEP_KEYS: tuple[str, ...] = (
     "engine",
 )
 
+# Keys with a data-dependent part, written only where it exists: memory/<phase>/<field> for every phase
+# that ran, reward/<source>/mean for every data source of the step's queries, and on validation steps
+# val/<source>/accuracy per source and val/accuracy over all validation queries.
+DYNAMIC_KEYS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"memory/[^/]+/[a-z_]+"),
+    re.compile(r"reward/.+/mean"),
+    re.compile(r"val/.+/accuracy"),
+    re.compile(r"val/(accuracy|num_queries)"),
+)
+
+
+def is_declared(key: str) -> bool:
+    """Whether `key` may appear in a metrics line: a `STEP_KEYS` key or one of the `DYNAMIC_KEYS` forms."""
+    return key in STEP_KEYS or any(p.fullmatch(key) for p in DYNAMIC_KEYS)
+
+
 # (metric key, column header, format) of the console table; missing keys print as "-".
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("step", "step", "{:d}"),
@@ -162,6 +180,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("timing_s/update_weights", "sync_s", "{:.3f}"),
     ("reward/mean", "reward", "{:.3f}"),
     ("reward/success_rate", "success", "{:.3f}"),
+    ("val/accuracy", "val_acc", "{:.3f}"),
     ("rollout/turns_mean", "turns", "{:.2f}"),
     ("rollout/response_length_mean", "resp_len", "{:.1f}"),
     ("actor/kl_loss", "kl", "{:.1e}"),
@@ -202,6 +221,7 @@ class StepRecord:
     elapsed_s: float
     helper: str = "policy"  # HelperConfig.kind: which model served every role but the planner
     helper_seconds: Mapping[str, float | None] | None = None  # wake_s / sleep_s of a helper that sleeps
+    validation: Mapping[str, Any] | None = None  # val/* of a validation step (engine.loop), else None
 
     def to_metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = dict.fromkeys(STEP_KEYS)
@@ -245,6 +265,7 @@ class StepRecord:
         m["perf/time_per_step"] = self.timings.phases.get("step")
         m.update(memory_metrics(self.memory))
         m["time/elapsed_s"] = self.elapsed_s
+        m.update(self.validation or {})
         return m
 
 
@@ -290,7 +311,17 @@ def rollout_metrics(result: RolloutResult, group_size: int, before: Mapping, aft
         m["rollout/latency_p90_s"] = lat[min(len(lat) - 1, math.ceil(0.9 * len(lat)) - 1)]
     for reason in STOP_REASONS:
         m[f"rollout/stop_reason/{reason}"] = sum(tr.stop_reason == reason for tr in trajs) / n
+    m.update(reward_by_source(trajs))
     return m
+
+
+def reward_by_source(trajectories: Sequence[Any]) -> dict[str, float]:
+    """reward/<source>/mean for every data source among `trajectories` (those with a source)."""
+    by: dict[str, list[float]] = {}
+    for tr in trajectories:
+        if tr.source:
+            by.setdefault(tr.source, []).append(tr.reward)
+    return {f"reward/{src}/mean": _mean(rs) for src, rs in sorted(by.items())}
 
 
 def memory_metrics(snapshots: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentflow.runner import AgentConfig
+from agentflow.tasks.data import DataSpec
 from engine.advantage import AdvantageConfig
 from engine.model import MODEL_SHAPES
 from engine.tiny import TinyConfig
@@ -112,12 +113,27 @@ class HelperConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Queries: a built-in task generated per step (seeded by run seed and step), or a JSONL file cycled."""
+    """Queries: a built-in task generated per step (seeded by run seed and step), or a data file cycled
+    (JSONL, parquet or AgentFlow's benchmark JSON; `agentflow.tasks.data`, columns named by the `*_key`
+    fields or found under the usual names). `val_data`: files validated on (greedy, one trajectory per
+    query) every `val_every` steps (0: never) and, with `val_before_train`, before step 1."""
 
     name: str = "arithmetic"  # a key of agentflow.tasks.TASKS
-    data: str | None = None  # JSONL of {"question", "answer"}; overrides name
+    data: str | None = None  # a data file; overrides name
     queries_per_step: int = 2  # B
     group_size: int = 4  # G
+    question_key: str | None = None
+    answer_key: str | None = None
+    id_key: str | None = None
+    source_key: str | None = None
+    answer_sep: str | None = None  # split string answers into several acceptable ones ("; " for AgentFlow's NQ)
+    val_data: tuple[str, ...] = ()
+    val_every: int = 0
+    val_before_train: bool = False
+
+    def spec(self) -> DataSpec:
+        """How the data files' columns map onto queries."""
+        return DataSpec(self.question_key, self.answer_key, self.id_key, self.source_key, self.answer_sep)
 
     def __post_init__(self) -> None:
         from agentflow.tasks import TASKS
@@ -126,6 +142,11 @@ class TaskConfig:
             raise ValueError(f"task must be one of {sorted(TASKS)} (or pass a JSONL file as data), got {self.name!r}")
         if self.queries_per_step < 1:
             raise ValueError(f"queries_per_step must be >= 1, got {self.queries_per_step}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0: no periodic validation), got {self.val_every}")
+        if (self.val_every or self.val_before_train) and not self.val_data:
+            raise ValueError("val_every / val_before_train need validation data: pass --val-data FILE")
+        self.spec()
         if self.group_size < 2:
             raise ValueError(
                 f"group_size must be >= 2: GRPO's baseline is the group mean, a group of one has advantage 0 "
@@ -392,6 +413,17 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "group_size": ("task", "group_size"),
     "queries_per_step": ("task", "queries_per_step"),
     "data": ("task", "data"),
+    "question_key": ("task", "question_key"),
+    "answer_key": ("task", "answer_key"),
+    "id_key": ("task", "id_key"),
+    "source_key": ("task", "source_key"),
+    "answer_sep": ("task", "answer_sep"),
+    "val_data": ("task", "val_data"),
+    "val_every": ("task", "val_every"),
+    "val_before_train": ("task", "val_before_train"),
+    "corpus": ("agent", "search_corpus"),
+    "corpus_index": ("agent", "search_index_dir"),
+    "search_top_k": ("agent", "search_top_k"),
     "lr": ("trainer", "lr"),
     "micro_batch_tokens": ("trainer", "micro_batch_tokens"),
     "kl_coef": ("trainer", "kl_coef"),

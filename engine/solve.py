@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from agentflow.runner import AGENT_MODES, AgentConfig, RolloutResult, run_trajectories
-from agentflow.tasks import TASKS, load_jsonl, load_task
+from agentflow.tasks import TASKS, load_queries, load_task
 from agentflow.tools import TOOL_NAMES
 from engine.fsio import atomic_write_json
 from engine.timer import PhaseTimer, Timings
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--task", choices=sorted(TASKS), default="arithmetic", help="built-in task set (default arithmetic)"
     )
-    src.add_argument("--data", help='JSONL file of {"question", "answer"} objects instead of a built-in task')
+    src.add_argument("--data", help="a .jsonl, .parquet or benchmark .json file instead of a built-in task")
     p.add_argument("--num-queries", type=int, default=4, help="queries to run (the first N of --data)")
     p.add_argument("--group-size", type=int, default=4, help="trajectories per query (G)")
     p.add_argument("--seed", type=int, default=0, help="seeds the task generator and the sampling")
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
         if args.num_queries < 1 or args.group_size < 1:
             raise ValueError("--num-queries and --group-size must be >= 1")
         if args.data:
-            queries = load_jsonl(args.data)[: args.num_queries]
+            queries = load_queries(args.data)[: args.num_queries]
         else:
             queries = load_task(args.task, args.num_queries, args.seed)
         config = AgentConfig(

@@ -40,6 +40,7 @@ PHASES: dict[str, str] = {
     "gap_probe": "rollout/trainer gap probes",
     "wake": "trainer state off, engine awake (sync excluded)",
     "update_weights": "weight sync into the engine, inside wake",
+    "validate": "greedy rollouts of the validation data, best checkpoint (every val_every steps)",
     "save_checkpoint": "checkpoint",
 }
 

@@ -57,6 +57,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advantage", choices=GROUPINGS, help="advantage grouping: per trajectory or per planner turn")
     p.add_argument("--mini-batches", type=int, help="optimizer steps per training step (mini-batches of the rollout)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument(
+        "--data", help="training data instead of the preset's task: .jsonl, .parquet, or AgentFlow's benchmark .json"
+    )
+    p.add_argument("--question-key", help="column of the question (default: query, question, problem, prompt)")
+    p.add_argument("--answer-key", help="column of the answer(s) (default: answer, golden_answers, result, ...)")
+    p.add_argument("--id-key", help="column of the id (default: id, pid, idx; else <file>-<row>)")
+    p.add_argument("--source-key", help="column of the data source (default: source, data_source; else the file)")
+    p.add_argument("--answer-sep", help='split string answers into several acceptable ones ("; " for AgentFlow\'s NQ)')
+    p.add_argument("--val-data", nargs="+", help="validation files (same formats and column flags as --data)")
+    p.add_argument("--val-every", type=int, help="validate every K steps (greedy, one trajectory per query)")
+    p.add_argument("--val-before-train", action="store_true", default=None, help="validate once before step 1")
+    p.add_argument("--corpus", help="JSONL or parquet of id, title, text for the search tool (default: shipped)")
+    p.add_argument("--corpus-index", help="directory of the corpus's persistent index (default <corpus>.bm25s)")
+    p.add_argument("--search-top-k", type=int, help="passages per search call")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -65,8 +79,11 @@ def config_from_args(args: argparse.Namespace):
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")
     names += ("advantage", "mini_batches", "weight_decay", "planner_max_new_tokens", "context_budget")
+    names += ("question_key", "answer_key", "id_key", "source_key", "answer_sep", "val_every", "val_before_train")
+    names += ("corpus", "corpus_index", "search_top_k")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
-    return with_overrides(cfg, **{n: getattr(args, n) for n in names})
+    val = tuple(args.val_data) if args.val_data else None
+    return with_overrides(cfg, val_data=val, **{n: getattr(args, n) for n in names})
 
 
 def main(args: argparse.Namespace) -> int:

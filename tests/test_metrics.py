@@ -146,3 +146,21 @@ def test_step_trace_adds_the_rollout_queue_as_counter_events(tmp_path):
     assert [(e["args"]["engine_requests"], e["args"]["tool_calls"]) for e in counters] == [(3, 0), (1, 2), (0, 1)]
     assert counters[0]["ts"] == pytest.approx(float(gen["ts"])) and counters[2]["ts"] > counters[1]["ts"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace_step_1.json"]
+
+
+def test_reward_per_data_source_and_dynamic_keys():
+    from agentflow.trajectory import Trajectory
+    from engine.metrics import is_declared, reward_by_source
+
+    trajs = [
+        Trajectory("a", 0, "q", "g", reward=1.0, source="nq"),
+        Trajectory("a", 1, "q", "g", reward=0.0, source="nq"),
+        Trajectory("b", 0, "q", "g", reward=1.0, source="mathhard"),
+        Trajectory("c", 0, "q", "g", reward=1.0),  # no source: not reported per source
+    ]
+    assert reward_by_source(trajs) == {"reward/mathhard/mean": 1.0, "reward/nq/mean": 0.5}
+    for key in ("reward/nq/mean", "reward/openai/gsm8k/mean", "val/aime24/accuracy", "val/accuracy", "step"):
+        assert is_declared(key), key
+    assert is_declared("memory/gen/rss_gb")
+    for key in ("reward/nq/median", "val/accuracy/x", "rewards/nq/mean", "banana"):
+        assert not is_declared(key), key

@@ -21,7 +21,7 @@ import torch
 
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from engine.loop import TrainLoop
-from engine.metrics import STEP_KEYS, read_metrics
+from engine.metrics import STEP_KEYS, is_declared, read_metrics
 from engine.presets import TOY_TOOLS, RunConfig, preset, toy
 from engine.tiny import TinyConfig, make_tiny
 
@@ -76,6 +76,7 @@ MAY_BE_NULL = {
     # trajectory latency is measured by the continuous scheduler only (lock-step: every answer comes last)
     "rollout/latency_p50_s",
     "rollout/latency_p90_s",
+    "timing_s/validate",
 }
 
 
@@ -84,7 +85,7 @@ def check_lines(rows: list[dict], steps: list[int]) -> None:
     for r in rows:
         missing = [k for k in STEP_KEYS if k not in r]
         assert not missing, f"step {r['step']}: metrics without {missing}"
-        undeclared = [k for k in r if k not in STEP_KEYS and not k.startswith("memory/")]
+        undeclared = [k for k in r if not is_declared(k)]
         assert not undeclared, f"step {r['step']}: keys written but not declared in STEP_KEYS: {undeclared}"
         never = [k for k in STEP_KEYS if r[k] is None and k not in MAY_BE_NULL]
         assert not never, f"step {r['step']}: declared keys never filled in: {never}"
@@ -403,3 +404,98 @@ def test_command_line_overrides():
     assert (cfg.task.group_size, cfg.task.queries_per_step, cfg.model.path) == (6, 5, "m")
     assert (cfg.trainer.lr, cfg.trainer.micro_batch_tokens, cfg.trainer.kl_coef) == (0.01, 999, 0.1)
     assert cfg.rollout.engine == "embedded" and cfg.agent.planner_format == "tool_token"
+
+
+def test_a_bad_data_file_fails_before_any_model_is_built(tmp_path):
+    from engine.presets import with_overrides
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
+    cfg = with_overrides(preset("tiny", run_dir=str(tmp_path / "run")), data=str(bad))
+    with pytest.raises(ValueError, match=r"train.jsonl:2: missing field 'answer'"):
+        TrainLoop(cfg)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def _toy_file(path: Path, seed: int, n: int) -> str:
+    """`n` toy queries as a task file, the data source being the tool each needs, kinds interleaved."""
+    from agentflow.tasks import load_task
+
+    by_tool: dict[str, list] = {}
+    for q in load_task("toy", 3 * n, seed=seed):
+        by_tool.setdefault(q.meta["tool"], []).append(q)
+    qs = [q for triple in zip(*(by_tool[t] for t in sorted(by_tool))) for q in triple][:n]  # one of each kind in turn
+    rows = [
+        {"id": q.id, "question": q.question, "answer": q.answer, "judge": q.judge, "source": q.meta["tool"]} for q in qs
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_data_file_sources_validation_and_the_best_checkpoint(tmp_path, toy_model_dir):
+    import io
+
+    from agentflow.tasks import load_queries
+    from engine.eval import evaluate
+    from engine.presets import with_overrides
+    from engine.rollout.embedded import EmbeddedEngine
+
+    train, val = _toy_file(tmp_path / "train.jsonl", 1, 9), _toy_file(tmp_path / "val.jsonl", 2, 6)
+    cfg = small_toy(tmp_path / "run", toy_model_dir, "embedded", steps=3)
+    cfg = with_overrides(cfg, data=train, val_data=(val,), val_every=2, val_before_train=True)
+    out = io.StringIO()
+    TrainLoop(cfg, out=out).run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    check_lines(rows, [1, 2, 3])
+    sources = ("calculator", "python", "search")
+    for r in rows:  # the step's 3 queries are one of each kind, in file order
+        assert sorted(k for k in r if k.startswith("reward/") and k.count("/") == 2) == [
+            f"reward/{s}/mean" for s in sources
+        ]
+        assert r["reward/mean"] == pytest.approx(sum(r[f"reward/{s}/mean"] for s in sources) / 3)
+    assert "val/accuracy" not in rows[0] and rows[0]["timing_s/validate"] is None
+    vals = read_metrics(tmp_path / "run" / "validation.jsonl")
+    assert [v["step"] for v in vals] == [0, 2, 3]
+    for r, v in zip(rows[1:], vals[1:]):
+        assert r["timing_s/validate"] > 0 and r["val/num_queries"] == 6
+        assert {k: r[k] for k in v if k != "step"} == {k: v[k] for k in v if k != "step"}
+        assert r["val/accuracy"] == pytest.approx(sum(2 * r[f"val/{s}/accuracy"] for s in sources) / 6)
+    text = out.getvalue()
+    assert "validation before step 1: accuracy" in text and "val_acc" in text
+    # the best checkpoint: the first step with the highest accuracy; it holds the weights validated then
+    best_step = max((v for v in vals[1:]), key=lambda v: v["val/accuracy"])["step"]
+    best = list_checkpoints(tmp_path / "run" / "best")
+    assert [c.step for c in best] == [best_step] and best[0].state["val/accuracy"] == vals[[0, 2, 3].index(best_step)][
+        "val/accuracy"
+    ]
+    engine = EmbeddedEngine.from_pretrained(toy_model_dir, dtype="float32", device="cpu")
+    load_checkpoint(best[0], engine.model, None)
+    queries = load_queries(val)
+    by_source = {s: [q for q in queries if q.source == s] for s in sources}
+    agent = dataclasses.replace(cfg.agent, temperature=0.0)
+    rows_again, _ = evaluate(engine, by_source, agent)
+    assert [r.accuracy for r in rows_again[:3]] == [best[0].state["validation"][f"val/{s}/accuracy"] for s in sources]
+
+
+def test_data_and_validation_flags():
+    import argparse
+
+    from engine.train import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = ["--data", "t.parquet", "--question-key", "problem", "--answer-key", "reward_model.ground_truth"]
+    flags += ["--source-key", "data_source", "--answer-sep", "; ", "--val-data", "a.json", "b", "--val-every", "5"]
+    t = config_from_args(p.parse_args([*flags, "--val-before-train"])).task
+    assert (t.data, t.question_key, t.answer_key, t.source_key) == (
+        "t.parquet",
+        "problem",
+        "reward_model.ground_truth",
+        "data_source",
+    )
+    assert (t.answer_sep, t.val_data, t.val_every, t.val_before_train) == ("; ", ("a.json", "b"), 5, True)
+    assert t.spec().answer_sep == "; "
+    d = config_from_args(p.parse_args([])).task
+    assert (d.val_data, d.val_every, d.val_before_train) == ((), 0, False)
+    with pytest.raises(ValueError, match="need validation data"):
+        config_from_args(p.parse_args(["--val-every", "2"]))

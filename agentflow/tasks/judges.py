@@ -6,7 +6,13 @@
   relative tolerance of 1e-6 (exactly, for integers and fractions).
 - `game24`: the answer is an expression (an optional trailing `= 24` is allowed) that uses each of
   the query's four numbers exactly once, only + - * / and parentheses, and evaluates exactly to 24.
-- `auto`: `numeric` when the gold answer is a number, else `exact`.
+- `math`: `numeric`, else the LaTeX answers agree after `normalize_latex` (boxed/text wrappers,
+  spacing and sizing commands, `$`, degree marks, a leading `x =` dropped; dfrac/tfrac read as frac),
+  else both translate to sympy (fractions, roots, powers, pi, infinity, elementary functions only;
+  anything else is not evaluated) and are equal: numerically to a relative 1e-6 when constant,
+  by `simplify(a - b) == 0` otherwise (DeepMath's `final_answer`s). Not a full LaTeX parser: sets,
+  intervals and matrices compare as normalised text.
+- `auto`: `math` when the gold answer is a number or looks like LaTeX (has one of \\ ^ { } $), else `exact`.
 - `contains`: the normalised gold occurs in the normalised answer as a run of whole words (for
   answers that are a retrieved passage, e.g. the toy task's search questions).
 - `LLMJudge`: AgentFlow's judge: answers rule-equivalent to the gold after normalisation (numbers,
@@ -14,12 +20,14 @@
   for a structured verdict (`<analysis>: ...`, `<true_false>: True|False`); an unparseable verdict
   scores 0 and is counted.
 
-A missing answer (the generator wrote no <answer> tags) scores 0 under every judge.
+A query may list several acceptable answers (`Query.alternatives`, e.g. NQ's): the reward is the best
+over them. A missing answer (the generator wrote no <answer> tags) scores 0 under every judge.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import string
 from collections import Counter
@@ -118,17 +126,133 @@ def game24_check(answer: str | None, numbers: Sequence[int]) -> float:
     return float(value == 24 and Counter(literals) == Counter(int(n) for n in numbers))
 
 
+_LATEX_NOISE = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "$", "^\\circ", "^{\\circ}")
+_LATEX_WRAPPERS = ("boxed", "text", "textbf", "mathrm", "mathbf", "operatorname")
+_SYMPY_NAMES = {"sqrt", "pi", "oo", "log", "sin", "cos", "tan", "exp", "E", "I"}
+_SYMPY_TEXT = re.compile(r"[0-9A-Za-z+\-*/(). ]+")
+
+
+def _braced(s: str, i: int) -> tuple[str, int] | None:
+    """The contents of the brace group opening at s[i] and the index after it; None if unbalanced."""
+    if i >= len(s) or s[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[j], 0)
+        if depth == 0:
+            return s[i + 1 : j], j + 1
+    return None
+
+
+def _unwrap(s: str, command: str) -> str:
+    """`\\command{x}` -> `x`, everywhere (nested groups kept intact)."""
+    tag = "\\" + command + "{"
+    while (k := s.find(tag)) >= 0:
+        group = _braced(s, k + len(tag) - 1)
+        if group is None:
+            return s
+        s = s[:k] + group[0] + s[group[1] :]
+    return s
+
+
+def normalize_latex(s: str) -> str:
+    """A LaTeX answer without decoration: boxed/text wrappers, spacing, sizing, `$`, degree marks, a
+    leading `x =`, a trailing `.`; dfrac/tfrac as frac, `\\frac12` as `\\frac{1}{2}`; no whitespace."""
+    for w in _LATEX_WRAPPERS:
+        s = _unwrap(s, w)
+    for noise in _LATEX_NOISE:
+        s = s.replace(noise, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    return re.sub(r"^[a-zA-Z]=", "", s)
+
+
+def _latex_to_sympy_text(s: str) -> str | None:
+    """Text sympy can parse for a simple LaTeX expression (fractions, roots, powers, pi, infinity,
+    elementary functions); None for anything else."""
+    for cmd in ("frac", "sqrt"):
+        tag = "\\" + cmd
+        while (k := s.find(tag + "{")) >= 0:
+            a = _braced(s, k + len(tag))
+            b = _braced(s, a[1]) if a is not None and cmd == "frac" else None
+            if a is None or (cmd == "frac" and b is None):
+                return None
+            s = s[:k] + (f"(({a[0]})/({b[0]}))" + s[b[1] :] if b else f"sqrt({a[0]})" + s[a[1] :])
+    for tex, py in (("\\pi", "pi"), ("\\infty", "oo"), ("\\cdot", "*"), ("\\times", "*"), ("\\ln", "log")):
+        s = s.replace(tex, py)
+    for fn in ("log", "sin", "cos", "tan", "exp"):
+        s = s.replace("\\" + fn, fn)
+    s = s.replace("^", "**").replace("{", "(").replace("}", ")")
+    s = re.sub(r"(?<![A-Za-z])e(?![A-Za-z])", "E", s)
+    if "\\" in s or not _SYMPY_TEXT.fullmatch(s):
+        return None
+    names = set(re.findall(r"[A-Za-z]+", s))
+    if any(len(n) > 1 and n not in _SYMPY_NAMES for n in names):
+        return None
+    return s
+
+
+def _sympy_value(s: str):
+    text = _latex_to_sympy_text(s)
+    if text is None or len(text) > 200:
+        return None
+    from sympy.parsing.sympy_parser import (
+        implicit_multiplication_application,
+        parse_expr,
+        standard_transformations,
+    )
+
+    try:
+        return parse_expr(text, transformations=(*standard_transformations, implicit_multiplication_application))
+    except Exception:  # sympy raises many kinds (SyntaxError, TypeError, TokenError) on malformed input
+        return None
+
+
+def math_match(answer: str | None, gold: str, rel_tol: float = 1e-6) -> float:
+    """1 if `answer` and the LaTeX `gold` are the same number or expression (see the module doc)."""
+    if answer is None:
+        return 0.0
+    if numeric_match(answer, gold, rel_tol):
+        return 1.0
+    a, g = normalize_latex(answer), normalize_latex(gold)
+    if not g:
+        return 0.0
+    if a == g or numeric_match(a, g, rel_tol):
+        return 1.0
+    va, vg = _sympy_value(a), _sympy_value(g)
+    if va is None or vg is None:
+        return 0.0
+    try:
+        if not va.free_symbols and not vg.free_symbols:
+            if va == vg:
+                return 1.0
+            x, y = complex(va.evalf()), complex(vg.evalf())
+            return float(abs(x - y) <= rel_tol * max(1.0, abs(y)))
+        import sympy
+
+        return float(sympy.simplify(va - vg) == 0)
+    except (TypeError, ValueError, ArithmeticError):
+        return 0.0
+
+
+def _looks_like_math(gold: str) -> bool:
+    return parse_number(gold) is not None or any(c in gold for c in "\\^{}$")
+
+
 def _judge_game24(answer: str | None, q: Query) -> float:
     return game24_check(answer, q.meta["numbers"])
 
 
 def _judge_auto(answer: str | None, q: Query) -> float:
-    return numeric_match(answer, q.answer) if parse_number(q.answer) is not None else exact_match(answer, q.answer)
+    return math_match(answer, q.answer) if _looks_like_math(q.answer) else exact_match(answer, q.answer)
 
 
 JUDGES: dict[str, Callable[[str | None, Query], float]] = {
     "exact": lambda a, q: exact_match(a, q.answer),
     "numeric": lambda a, q: numeric_match(a, q.answer),
+    "math": lambda a, q: math_match(a, q.answer),
     "game24": _judge_game24,
     "auto": _judge_auto,
     "contains": lambda a, q: contains_match(a, q.answer),
@@ -136,10 +260,16 @@ JUDGES: dict[str, Callable[[str | None, Query], float]] = {
 
 
 def rule_reward(answer: str | None, query: Query) -> float:
-    """The reward of `answer` under the query's rule-based judge."""
+    """The reward of `answer` under the query's rule-based judge: the best over its acceptable answers."""
     if query.judge not in JUDGES:
         raise ValueError(f"query {query.id}: unknown judge {query.judge!r}; use one of {sorted(JUDGES)}")
-    return JUDGES[query.judge](answer, query)
+    judge = JUDGES[query.judge]
+    best = judge(answer, query)
+    for gold in query.alternatives:
+        if best >= 1.0:
+            break
+        best = max(best, judge(answer, dataclasses.replace(query, answer=gold, alternatives=())))
+    return best
 
 
 _BOXED = re.compile(r"\\boxed\s*\{")
