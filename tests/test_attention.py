@@ -8,27 +8,14 @@ import pytest
 import torch
 
 from engine.attention import ATTN_IMPLEMENTATION, enable_packed_attention, packed_backend
-from engine.model import build_random_model, hidden_states, lm_head_weight, load_planner
+from engine.model import build_random_model, hidden_states, lm_head_weight, load_planner, preset_config
 from engine.packing import TrainSequence, pack
 from kernels.reference import linear_token_logprobs
 from kernels.testing import assert_close
 
 
 def small_config(tie: bool = True):
-    from transformers import Qwen2Config
-
-    # GQA (4 query heads over 2 KV heads), odd vocabulary, head_dim 16.
-    return Qwen2Config(
-        vocab_size=211,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=tie,
-        max_position_embeddings=512,
-    )
+    return preset_config("qwen2-test", tie_word_embeddings=tie)  # GQA, odd vocabulary, head_dim 16
 
 
 def sequences(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> list[TrainSequence]:

@@ -21,7 +21,7 @@ import torch
 import kernels
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.logprob_gap import logprob_gap
-from engine.make_model import TinyLlamaConfig, make_tiny_llama
+from engine.make_model import make_tiny_llama
 from engine.model import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedArchitecture,
@@ -33,6 +33,7 @@ from engine.model import (
 from engine.packing import TrainSequence, pack
 from engine.presets import TOY_TOOLS, toy
 from engine.rollout.protocol import SamplingConfig
+from engine.tiny import TinyConfig
 from kernels.testing import assert_close
 
 # Same weights on both sides, float32 on CPU: measured gap_max ~5e-7 on the tiny Llama.
@@ -42,7 +43,7 @@ SAME_WEIGHTS_GAP = 1e-4
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("llama") / "model"
-    make_tiny_llama(out, TinyLlamaConfig(extra_tokens=TOY_TOOLS))
+    make_tiny_llama(out, TinyConfig(extra_tokens=TOY_TOOLS))
     return str(out)
 
 

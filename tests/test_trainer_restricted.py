@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from engine.model import build_random_model, lm_head_weight
+from engine.model import build_random_model, lm_head_weight, preset_config
 from engine.packing import TrainSequence
 from engine.rollout.embedded import EmbeddedEngine
 from engine.rollout.protocol import SamplingConfig
@@ -18,20 +18,7 @@ ALLOWED = (3, 50, 77, 190, 200)
 
 
 def small_model(seed: int = 0):
-    from transformers import Qwen2Config
-
-    cfg = Qwen2Config(
-        vocab_size=211,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
-    )
-    return build_random_model(cfg, dtype="float32", seed=seed)
+    return build_random_model(preset_config("qwen2-test"), dtype="float32", seed=seed)
 
 
 def sequences(n: int, seed: int) -> list[TrainSequence]:
