@@ -21,11 +21,8 @@ wake ⊃ update_weights):
     gap_probe  the rollout/trainer gap on `gap_probe_seqs` sequences, before and after the sync, on
                step 1 and every `gap_probe_every`-th step (`sync/gap_probed`; the gap keys are null otherwise)
     wake       trainer state off the device, engine weights awake, sync (update_weights), KV cache awake
-    validate   every `val_every` steps and at the last (with validation data): one greedy trajectory per
-               validation query on the just-synced engine (`engine.eval.evaluate`); val/<source>/accuracy
-               and val/accuracy in the record and validation.jsonl; a new best accuracy saves the weights
-               to run_dir/best/checkpoints/step_N (one kept). `val_before_train` validates once before
-               the first step (validation.jsonl only)
+    validate   every `val_every` steps and at the last: greedy, on the synced engine (`engine.eval`); a new
+               best accuracy saves the weights to run_dir/best/checkpoints/step_N
     save_checkpoint    every `save_every` steps and at the last step
 
 The gap, three ways: `training/rollout_logprob_diff_*` (every step, all response tokens: the engine's
@@ -45,14 +42,14 @@ Helpers (`HelperConfig`, built by `engine.build.build_helper` after the trainer,
 policy engine and follows the trained weights; with any other kind the query analysis, executor,
 verifier, generator, base_generator tool and LLM judge run on weights no update touches, and only
 the planner's calls are trained (AgentFlow's setting). A helper that can sleep (a second vLLM
-engine) is woken at the start of `gen` and sleeps (level 1: weights kept in host memory) at the
-start of `sleep`; the seconds are `helper/wake_s` and `helper/sleep_s`.
+engine) is woken at the start of `gen` and sleeps (level 1) at the start of `sleep` (spans).
 
 Simplifications: one device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -319,12 +316,10 @@ class TrainLoop:
         with timer.phase("step"):
             queries = self.queries(step)
             stats_before = self.engine.stats()
-            helper_s: dict[str, float | None] = {"wake_s": None, "sleep_s": None}
             with timer.phase("gen"), self.memory.phase("rollout"):
                 if self.helper_sleeps:
-                    t0 = time.perf_counter()
-                    self.helper.wake()
-                    helper_s["wake_s"] = time.perf_counter() - t0
+                    with timer.span("helper-wake"):
+                        self.helper.wake()
                 result = run_trajectories(
                     self.role_models(),
                     queries,
@@ -339,22 +334,19 @@ class TrainLoop:
                 seqs, adv_metrics = self._sequences(result, queries)
             with timer.phase("sleep"):
                 if self.helper_sleeps:
-                    t0 = time.perf_counter()
-                    self.helper.sleep(1)
-                    helper_s["sleep_s"] = time.perf_counter() - t0
+                    with timer.span("helper-sleep"):
+                        self.helper.sleep(1)
                 to_train = self.memory.to_train(timer)
             with self.memory.phase("train"):
                 train = self.trainer.update(seqs, timer=timer)
             probe = cfg.gap_probe_seqs > 0 and (step == 1 or step % cfg.gap_probe_every == 0)
             gaps["sync/gap_probed"] = float(probe)
-            if probe:
-                with timer.phase("gap_probe"):
-                    gaps.update(self._stale_gap(seqs))
+            with timer.phase("gap_probe") if probe else contextlib.nullcontext():
+                gaps.update(self._stale_gap(seqs) if probe else {})
             with timer.phase("wake"):
                 to_rollout = self.memory.to_rollout(weights=self.model.named_parameters, timer=timer)
-            if probe:
-                with timer.phase("gap_probe"):
-                    gaps.update(self._after_sync_gap(seqs, step))
+            with timer.phase("gap_probe") if probe else contextlib.nullcontext():
+                gaps.update(self._after_sync_gap(seqs, step) if probe else {})
             validation: dict[str, Any] = {}
             if cfg.task.val_every and (step % cfg.task.val_every == 0 or step == cfg.steps):
                 with timer.phase("validate"):
@@ -367,7 +359,6 @@ class TrainLoop:
                     group_size=cfg.task.group_size,
                     engine_name=self.engine_name,
                     helper=cfg.helper.kind,
-                    helper_seconds=helper_s,
                     engine_stats=(stats_before, stats_after),
                     advantages=adv_metrics,
                     train=train,

@@ -220,7 +220,6 @@ class StepRecord:
     peak_flops: float | None
     elapsed_s: float
     helper: str = "policy"  # HelperConfig.kind: which model served every role but the planner
-    helper_seconds: Mapping[str, float | None] | None = None  # wake_s / sleep_s of a helper that sleeps
     validation: Mapping[str, Any] | None = None  # val/* of a validation step (engine.loop), else None
 
     def to_metrics(self) -> dict[str, Any]:
@@ -238,8 +237,8 @@ class StepRecord:
             for k in ("calls", "prompt_tokens", "response_tokens"):
                 m[f"rollout/{role}_{k}"] = counters.get(f"{role}_{k}", 0)
         m["helper"] = self.helper
-        for k, v in (self.helper_seconds or {}).items():
-            m[f"helper/{k}"] = v
+        m["helper/wake_s"] = self.timings.spans.get("helper-wake")  # a helper that sleeps with the rollout
+        m["helper/sleep_s"] = self.timings.spans.get("helper-sleep")
         for k in ("rule_matched", "asked", "unparsed"):  # the LLM judge's counts; null under the rule judge
             m[f"reward/judge_{k}"] = counters.get(f"judge_{k}")
         gen = self.timings.phases.get("gen", 0.0)
