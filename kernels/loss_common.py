@@ -11,7 +11,7 @@ they obtain (lse, logp, H) per token; everything after that is here, once:
   w_t as `where(w ≠ 0, w·x, 0)` so masked tokens never turn an inf into a NaN:
 
       d loss_t / d logp = −A·ratio  where the unclipped term is the max (pg2 ≤ pg1), else 0
-                                    (and 0 where the dual clip is active)
+                                    (and 0 where the dual clip is active, or |logp − old| ≥ 20)
                         + kl_coef · (k1: 1 | k2: d | k3: 1 − e^{−d}, 0 where the clamp is active)
       d loss_t / d H    = −entropy_coef
 
@@ -49,6 +49,7 @@ from kernels.validation import (
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 K3_CLAMP = 10.0
+LOG_RATIO_CLAMP = 20.0  # verl clamps logp - old_logp to [-20, 20] before the exp
 
 # Rows of the [len(STATS), N] float32 tensor the forward writes.
 STATS = ("logp", "lse", "entropy", "ratio", "pg", "kl", "clipped", "clipped_lower", "wloss", "dlogp")
@@ -156,12 +157,14 @@ def flow_grpo_token_terms(
 
     Returns (loss_t, d loss_t / d logp, ratio, pg, kl, clipped, clipped_lower), unweighted.
     """
-    ratio = tl.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    outside = (log_ratio <= -20.0) | (log_ratio >= 20.0)  # LOG_RATIO_CLAMP: the ratio is constant out there
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     pg = tl.maximum(pg1, pg2)
     clipped = pg2 > pg1
-    dpg = tl.where(clipped, 0.0, -adv * ratio)  # the clipped term is constant in logp
+    dpg = tl.where(clipped | outside, 0.0, -adv * ratio)  # the clipped term is constant in logp
     lower = tl.zeros_like(clipped)
     if DUAL_CLIP:
         pg3 = -adv * clip_ratio_c
@@ -197,12 +200,14 @@ def flow_grpo_token_terms_torch(
     config: LossConfig,
 ) -> tuple[torch.Tensor, ...]:
     """Torch twin of `flow_grpo_token_terms` on float32 [N] tensors (same outputs, same conventions)."""
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    inside = (log_ratio > -LOG_RATIO_CLAMP) & (log_ratio < LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
     pg = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
-    dpg = torch.where(clipped, 0.0, -adv * ratio)
+    dpg = torch.where(clipped | ~inside, 0.0, -adv * ratio)
     lower = torch.zeros_like(clipped)
     if config.clip_ratio_c is not None:
         pg3 = -adv * config.clip_ratio_c

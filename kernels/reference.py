@@ -8,7 +8,7 @@ Definitions (verl-compatible, see shared/DESIGN.md "Loss"; the hyperparameters o
 one `kernels.LossConfig`):
 
     logp    = log_softmax(logits / T)[target]                 H = -sum_v p_v log p_v, p = softmax(logits / T)
-    ratio   = exp(logp - old_logp)
+    ratio   = exp(clamp(logp - old_logp, -20, 20))          (verl's log-ratio clamp)
     pg      = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
               dual clip (clip_ratio_c = c > 1): where A < 0, pg = min(pg, -A * c)
     kl      = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: clamp(exp(ref - logp) - (ref - logp) - 1, -10, 10)
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.loss_common import DEFAULT_LOSS_CONFIG, K3_CLAMP, KL_TYPES, LOSS_AGGS, LossConfig
+from kernels.loss_common import DEFAULT_LOSS_CONFIG, K3_CLAMP, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGGS, LossConfig
 from kernels.utils import LossOutput
 
 
@@ -96,7 +96,7 @@ def per_token_terms(
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
     A = advantages.to(logp.dtype)
-    ratio = torch.exp(logp - old_logprobs.to(logp.dtype))
+    ratio = torch.exp((logp - old_logprobs.to(logp.dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg1 = -A * ratio
     pg2 = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg1, pg2)

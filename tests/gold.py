@@ -79,7 +79,7 @@ def gold_loss(
     logp = logp_all.gather(1, targets.long().unsqueeze(1)).squeeze(1)
     entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
     A = advantages.double()
-    ratio = torch.exp(logp - old_logprobs.double())
+    ratio = torch.exp((logp - old_logprobs.double()).clamp(-20, 20))  # verl's log-ratio clamp
     pg1 = -A * ratio
     pg2 = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)

@@ -19,6 +19,7 @@ fp16 ≤ 3.4e-4, bf16 ≤ 6.2e-3 (bf16 rounding; truncation under the interprete
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -138,6 +139,31 @@ def test_all_masked_batch_is_zero_not_nan(impl, agg):
     assert out.loss.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
     assert out.metrics == dict.fromkeys(METRICS, 0.0)
+
+
+@pytest.mark.parametrize("impl", [TORCH, TRITON, "reference"])
+def test_log_ratio_is_clamped_at_20_as_verl(impl):
+    """|logp − old| beyond 20: ratio = e^{±20} exactly and no gradient through the ratio (verl's clamp)."""
+    inp = make_inputs(63, 97, F32, seed=9)
+    inp.pop("ref_logprobs")
+    inp["loss_mask"] = torch.ones(63, dtype=torch.bool)
+    logits = inp.pop("logits").requires_grad_()
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.double() / 0.8, -1).gather(1, inp["targets"].long()[:, None])[:, 0]
+    inp["old_logprobs"][:4] = (logp[:4] - 25.0).float()  # ratio e^25 unclamped
+    inp["old_logprobs"][4:8] = (logp[4:8] + 25.0).float()  # ratio e^-25 unclamped
+    inp["advantages"][:8] = torch.tensor([1.0, -1.0] * 4)
+    args = loss_args(temperature=0.8)
+    op = reference.flow_grpo_loss if impl == "reference" else lambda *a, **k: flow_grpo_loss(*a, **k, impl=impl)
+    out = op(logits, **inp, **args)
+    out.loss.backward()
+    g_loss, _, g_grad = gold_loss(logits, **inp, temperature=0.8)
+    assert_close(out.loss, g_loss, dtype=F32, scale=abs(g_loss.item()), name="loss")
+    assert out.metrics["ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert_close(logits.grad, g_grad, dtype=F32, scale=g_grad.abs().max().item(), name="d logits")
+    # A < 0 with the ratio past e^20: the unclipped pg = -A e^20 wins, yet no gradient flows through the clamp
+    assert torch.equal(logits.grad[[1, 3]], torch.zeros_like(logits.grad[[1, 3]]))
+    assert logits.grad[8:].abs().max() > 0
 
 
 @pytest.mark.parametrize("impl", [TORCH, TRITON])
