@@ -45,7 +45,7 @@ declare -A WHAT=(
 )
 declare -A OUTPUTS=([kernels]=kernels.json [lmhead]=kernels-lmhead.json [compile]=kernels-compile.json
   [allocator]=allocator.json [step]=step.json [scale]=scale.json)
-WHEELS=(liger-kernel==0.8.5) # pure Python; the device image lacks it (KINDS.md's package list); torch/triton are there
+WHEELS=(liger-kernel==0.8.5 bm25s==0.3.16) # pure Python; the device image lacks them (its package list); torch/triton/numpy/scipy are there
 LOGITS_SHAPES=4096x151936,16384x151936
 LMHEAD_SHAPES=4096x1536x151936,16384x1536x151936,4096x3584x151936,16384x3584x151936
 COMPILE_SHAPES=16384x151936,16384x1536x151936,16384x3584x151936

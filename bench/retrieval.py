@@ -53,9 +53,9 @@ def _qps(index: Any, queries: list[str], k: int) -> tuple[float, int]:
 
 
 def run(passages: int, queries: int, k: int, seed: int, python_bm25: bool, work: Path) -> dict[str, Any]:
-    import bm25s
+    from agentflow.tools.search import BM25, CorpusIndex, import_bm25s
 
-    from agentflow.tools.search import BM25, CorpusIndex
+    bm25s = import_bm25s()
 
     corpus = work / "corpus.jsonl"
     t0 = time.perf_counter()

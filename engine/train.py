@@ -42,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-coef", type=float, help="KL coefficient (0: no reference model)")
     p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
-    p.add_argument("--data", help="JSONL of {question, answer} to train on instead of the preset's task")
     p.add_argument(
         "--helper", choices=HELPERS, help="frozen model of every role but the planner (default: the preset's)"
     )

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -127,6 +128,24 @@ def load_corpus(path: str | Path) -> list[dict[str, str]]:
     return out
 
 
+def import_bm25s():
+    """bm25s on its numpy backend, imported with numba hidden. bm25s imports numba when it can, numba
+    loads llvmlite, and llvmlite's ffi object then breaks vLLM's scan of `sys.modules` when it registers
+    its kernel overrides ("'_lib_fn_wrapper' object has no attribute 'get'"): every vLLM engine built
+    later in the same process would fail to start."""
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    hidden = "numba" not in sys.modules
+    if hidden:
+        sys.modules["numba"] = None  # `import numba` raises ImportError while bm25s is imported
+    try:
+        import bm25s
+    finally:
+        if hidden:
+            del sys.modules["numba"]
+    return bm25s
+
+
 class CorpusIndex:
     """A persistent bm25s index of a user's corpus (see the module doc); `search` as `BM25.search`."""
 
@@ -141,7 +160,7 @@ class CorpusIndex:
 
     @staticmethod
     def fingerprint(corpus: Path, k1: float, b: float) -> dict:
-        import bm25s
+        bm25s = import_bm25s()
 
         st = corpus.stat()
         return {
@@ -160,7 +179,7 @@ class CorpusIndex:
     ) -> CorpusIndex:
         """Load the index of `corpus` from `index_dir` (default `<corpus>.bm25s`), building it when absent or stale."""
         try:
-            import bm25s
+            bm25s = import_bm25s()
         except ImportError:
             raise RuntimeError("--corpus needs the bm25s package; `pip install bm25s`") from None
         corpus = Path(corpus)
@@ -200,7 +219,7 @@ class CorpusIndex:
 
     def search(self, query: str, k: int = 3) -> list[tuple[float, dict[str, str]]]:
         """The top `k` passages with a positive score, best first."""
-        import bm25s
+        bm25s = import_bm25s()
 
         tokens = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)
         if not tokens[0]:
