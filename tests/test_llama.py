@@ -173,6 +173,7 @@ def test_train_sync_checkpoint_and_resume_on_tiny_llama(tmp_path, llama_dir):
         trainer=dataclasses.replace(cfg.trainer, lr=1e-2),
         steps=2,
         seed=1,
+        gap_probe_every=1,  # probe both steps
     )
     loop = TrainLoop(cfg)
     loop.run()
