@@ -1,4 +1,4 @@
-"""`flowgrpo bench {kernels,step,scale,rollout,allocator}`: the instruments, each in its own module.
+"""`flowgrpo bench {kernels,step,scale,rollout,allocator,ceilings,retrieval,memory}`: the instruments, each in its own module.
 
     kernels   micro-benchmarks of the fused ops against the eager reference, torch.compile and Liger
               (`bench.kernels`), with the roofline of the same run (`bench.roofline`)
@@ -8,6 +8,7 @@
     allocator pause/resume bandwidth of the VMM allocator against plain pinned copies (`bench.allocator`)
     ceilings  copy GB/s, matmul TFLOP/s at the LM-head shapes, pinned host<->device GB/s (`bench.ceilings`)
     retrieval build/load time and queries/s of the search indexes on a generated corpus (`bench.retrieval`)
+    memory    device memory per rank for FSDP2/HSDP training with colocated vLLM, computed from the shape
 
 Each module defines `add_arguments(parser)` and `main(args) -> int`; this one only dispatches, and imports
 only the chosen module (as `engine.cli` does for commands).
@@ -26,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "allocator": ("bench.allocator", "VMM allocator pause/resume GB/s against pinned copies (CUDA only)"),
     "ceilings": ("bench.ceilings", "the device's ceilings: copy GB/s, LM-head matmul TFLOP/s, pinned copy GB/s"),
     "retrieval": ("bench.retrieval", "search index build time, load time and queries/s on a generated corpus"),
+    "memory": ("bench.memory", "device memory per rank (FSDP2/HSDP + colocated vLLM), computed from the model shape"),
 }
 
 
