@@ -20,7 +20,7 @@ SMOLLM2 ?= models/smollm2-135m-instruct
 .PHONY: run test install build lint clean wheels model
 
 run: install
-	$(VENV)/bin/flowgrpo train --preset $(PRESET) --steps $(STEPS)
+	$(VENV)/bin/flowgrpo train --preset $(PRESET) --steps $(STEPS) --restart
 
 test: install build
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

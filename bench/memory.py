@@ -8,7 +8,7 @@ ranks of one node under HSDP, all ranks under FSDP), P the parameter count, b th
 KV heads of head_dim h, T the micro-batch token budget.
 
     training (vLLM asleep: level 2 frees its weights and KV cache)
-      weights shard          P·b / S
+      weights shard          P·b / S, and as much again for the KL reference policy (kl_coef > 0)
       gradients shard        P·b / S
       AdamW moments shard    2·P·b / S
       gathered groups        the root (embedding, untied LM head, final norm) stays gathered through the
@@ -22,7 +22,7 @@ KV heads of head_dim h, T the micro-batch token budget.
                              of fp32 logits (`loss_chunk_mib`)
     rollout (optimizer state offloaded to pinned host memory, gradients released)
       weights shard          P·b / S (the trainer keeps its shard on the device)
-      vLLM weights           P·b / tp
+      vLLM weights           P·b / tp, and as much again for a frozen vLLM helper engine (`--vllm-helper`)
       vLLM KV cache          (B·G / R) trajectories × `--max-model-len` tokens × 2·L·K·h·b / tp bytes, where
                              R = world / tp rollout groups share the B·G trajectories of a step (worst case:
                              every trajectory at the full context length at once)
@@ -30,8 +30,7 @@ KV heads of head_dim h, T the micro-batch token budget.
     host (per rank)          the offloaded AdamW moments, 2·P·b / S
 
 Not computed: CUDA context and NCCL buffers (~1 GiB per rank), vLLM's activation workspace and CUDA graphs,
-allocator fragmentation, helper-agent engines (frozen executor/verifier/generator models) when they are not
-the planner's engine. `flowgrpo bench step --model DIR` measures the phases on a real device.
+allocator fragmentation, the helper engine's KV cache. `flowgrpo bench step --model DIR` measures the phases on a real device.
 """
 
 from __future__ import annotations
@@ -50,7 +49,8 @@ DEVICES_GIB = {"H100 80GB": 80.0, "H200 141GB": 139.8}
 
 @dataclass(frozen=True)
 class Shape:
-    """The dimensions of a decoder-only planner that memory depends on."""
+    """The dimensions of a decoder-only planner that memory depends on, and its parameter counts
+    (counted on the meta device by `engine.model`, so tied weights and biases are as transformers builds them)."""
 
     vocab: int
     hidden: int
@@ -59,39 +59,32 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    tied: bool
-    qkv_bias: bool
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Shape:
-        heads = int(cfg["num_attention_heads"])
-        return cls(
-            vocab=int(cfg["vocab_size"]),
-            hidden=int(cfg["hidden_size"]),
-            ffn=int(cfg["intermediate_size"]),
-            layers=int(cfg["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama only with attention_bias
-            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
-        )
-
-    @property
-    def layer_params(self) -> int:
-        d, h = self.hidden, self.head_dim
-        q, kv = self.heads * h, self.kv_heads * h
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-        return attn + 3 * d * self.ffn + 2 * d  # + gate/up/down, + two RMSNorm weights
+    params: int
+    layer_params: int
 
     @property
     def root_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden  # + final norm
+        """Parameters outside the decoder layers: embedding, untied LM head, final norm (FSDP's root group)."""
+        return self.params - self.layers * self.layer_params
 
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.root_params
+    @classmethod
+    def from_config(cls, config: Any) -> Shape:
+        from engine.model import build_random_model, num_parameters
+        from engine.parallelize import decoder_layers
+
+        model = build_random_model(config, device="meta")
+        heads = int(config.num_attention_heads)
+        return cls(
+            vocab=int(config.vocab_size),
+            hidden=int(config.hidden_size),
+            ffn=int(config.intermediate_size),
+            layers=int(config.num_hidden_layers),
+            heads=heads,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            params=num_parameters(model),
+            layer_params=num_parameters(decoder_layers(model)[0]),
+        )
 
 
 @dataclass(frozen=True)
@@ -107,6 +100,8 @@ class Layout:
     max_model_len: int = 4096
     micro_batch_tokens: int = 16384
     gradient_checkpointing: bool = True
+    reference: bool = True  # a KL reference policy (kl_coef > 0), sharded like the planner
+    vllm_helper: bool = False  # a frozen vLLM helper engine (executor/verifier/generator) per rollout group
     dtype: str = "bfloat16"
     loss_chunk_mib: float = 256.0
 
@@ -153,6 +148,7 @@ def rank_memory(shape: Shape, layout: Layout) -> dict[str, dict[str, int]]:
     trajectories = layout.queries * layout.group_size // layout.rollout_groups
     train = {
         "weights shard": shard,
+        "reference shard": shard if layout.reference else 0,
         "gradients shard": shard,
         "AdamW moments shard": 2 * shard,
         "gathered root + 2 layers": shape.root_params * b + 2 * layer_full,
@@ -164,7 +160,9 @@ def rank_memory(shape: Shape, layout: Layout) -> dict[str, dict[str, int]]:
     }
     rollout = {
         "weights shard": shard,
+        "reference shard": shard if layout.reference else 0,
         "vLLM weights": p * b // layout.tp,
+        "vLLM helper weights": p * b // layout.tp if layout.vllm_helper else 0,
         "vLLM KV cache": trajectories * layout.max_model_len * kv_per_token,
         "weight sync (largest group gathered)": max(shape.root_params, shape.layer_params) * b,
     }
@@ -173,15 +171,18 @@ def rank_memory(shape: Shape, layout: Layout) -> dict[str, dict[str, int]]:
 
 def load_shape(model: str) -> tuple[str, Shape]:
     """A `MODEL_SHAPES` name, or a directory (or file) holding an HF config.json."""
-    from engine.model import MODEL_SHAPES
+    from transformers import AutoConfig
+
+    from engine.model import MODEL_SHAPES, preset_config
 
     if model in MODEL_SHAPES:
-        return model, Shape.from_config(MODEL_SHAPES[model])
+        return model, Shape.from_config(preset_config(model))
     path = Path(model)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"--model {model!r} is neither a known shape {sorted(MODEL_SHAPES)} nor a config.json")
-    return str(path), Shape.from_config(json.loads(path.read_text()))
+    if not (path / "config.json" if path.is_dir() else path).is_file():
+        raise ValueError(
+            f"--model {model!r} is neither a known shape {sorted(MODEL_SHAPES)} nor a model dir or config.json"
+        )
+    return str(path), Shape.from_config(AutoConfig.from_pretrained(path))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=4096, help="context per trajectory (KV worst case)")
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-reference", action="store_true", help="kl_coef = 0: no reference policy")
+    parser.add_argument("--vllm-helper", action="store_true", help="a frozen vLLM helper engine per rollout group")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     parser.add_argument("--json", action="store_true", help="print only the JSON")
 
@@ -209,6 +212,8 @@ def _layouts(args: argparse.Namespace) -> list[Layout]:
         max_model_len=args.max_model_len,
         micro_batch_tokens=args.micro_batch_tokens,
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        reference=not args.no_reference,
+        vllm_helper=args.vllm_helper,
         dtype=args.dtype,
     )
     return [Layout(nnodes=n, **common) for n in ([args.nnodes] if args.nnodes else [1, 2])]

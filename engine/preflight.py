@@ -200,18 +200,27 @@ def check_run(config) -> None:
 
 
 def earlier_run(run_dir: str | Path) -> list[str]:
-    """What of an earlier run the directory holds: metrics lines and checkpoint directories (names)."""
+    """What of an earlier run the directory holds: metrics, validation lines and checkpoint directories."""
     from engine.checkpoint import CHECKPOINTS
 
     p = Path(run_dir)
-    found = []
-    metrics = p / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
-    root = p / CHECKPOINTS
-    if root.is_dir():
-        found += sorted(f"{CHECKPOINTS}/{c.name}" for c in root.iterdir() if c.name.startswith("step_"))
+    found = [
+        name for name in ("metrics.jsonl", "validation.jsonl") if (p / name).is_file() and (p / name).stat().st_size
+    ]
+    for sub in (CHECKPOINTS, "best/" + CHECKPOINTS):
+        if (p / sub).is_dir():
+            found += sorted(f"{sub}/{c.name}" for c in (p / sub).iterdir() if c.name.startswith("step_"))
     return found
+
+
+def check_fresh(run_dir: str | Path) -> None:
+    """Without --resume or --restart: refuse a directory that holds an earlier run (nothing is overwritten)."""
+    found = earlier_run(run_dir)
+    if found:
+        raise UsageError(
+            f"{run_dir} holds an earlier run ({', '.join(found[:4])}); pass --resume to continue it, "
+            f"--restart to move it aside and start over, or another --run-dir"
+        )
 
 
 def check_resume(run_dir: str | Path) -> None:

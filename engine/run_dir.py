@@ -151,10 +151,10 @@ def prepared_run(config, *, resume: bool = False, restart: bool = False) -> Iter
     """Everything `flowgrpo train` does before building anything, holding the lock for the `with` block.
 
     In order: the configuration checks (`engine.preflight.check_run`, nothing touched yet), the lock,
-    then --restart moves an earlier run aside or --resume checks there is a checkpoint to continue,
-    and leftovers of interrupted checkpoint writers are removed. Yields notes for the run's output."""
+    then --restart moves an earlier run aside, --resume checks there is a checkpoint to continue, and
+    neither refuses a directory that holds an earlier run (`check_fresh`); then leftovers of interrupted checkpoint writers are removed. Yields notes for the run's output."""
     from engine.checkpoint import clean_leftovers
-    from engine.preflight import check_resume, check_run
+    from engine.preflight import check_fresh, check_resume, check_run
 
     if resume and restart:
         raise UsageError("--resume continues the earlier run and --restart moves it aside; pass one of them")
@@ -165,6 +165,8 @@ def prepared_run(config, *, resume: bool = False, restart: bool = False) -> Iter
             notes.append(f"--restart: moved the earlier run in {root} aside to {moved}")
         if resume:
             check_resume(root)
+        elif not restart:
+            check_fresh(root)
         removed = clean_leftovers(root)
         if removed:
             notes.append(f"removed leftovers of an interrupted run: {', '.join(removed)}")

@@ -7,44 +7,27 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.memory import GiB, Layout, Shape, load_shape, rank_memory
+from bench.memory import GiB, Layout, load_shape, rank_memory
 from engine.model import MODEL_SHAPES
 from engine.rollout.vllm_engine import kv_bytes_per_token
 
-LLAMA_SMALL = dict(  # SmolLM2-135M's shape: tied embeddings, 9 query / 3 KV heads, no biases
-    model_type="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    tie_word_embeddings=True,
-)
 
-
-def _hf_params(cfg: dict) -> int:
-    fields = {k: v for k, v in cfg.items() if k != "model_type"}
-    config = AutoConfig.for_model(cfg["model_type"], **fields)
-    with torch.device("meta"):  # no memory: 7B parameters as shapes only
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter
-
-
-@pytest.mark.parametrize("name", [*MODEL_SHAPES, "smollm2-135m"])
-def test_parameter_count_matches_transformers(name):
-    cfg = LLAMA_SMALL if name == "smollm2-135m" else MODEL_SHAPES[name]
-    assert Shape.from_config(cfg).params == _hf_params(cfg)
+def test_counts_split_into_layers_and_root():
+    q7 = load_shape("qwen2.5-7b")[1]
+    assert q7.params == 7_615_616_512  # Qwen2.5-7B's published count, 7.61 B
+    assert q7.root_params == 2 * 152064 * 3584 + 3584  # untied embedding and LM head, final norm
+    # one layer: q/o 3584², k/v 3584·512 with q/k/v biases, gate/up/down 3·3584·18944, two norms
+    assert q7.layer_params == 2 * 3584**2 + 2 * 3584 * 512 + (3584 + 2 * 512) + 3 * 3584 * 18944 + 2 * 3584
+    q15 = load_shape("qwen2.5-1.5b")[1]
+    assert q15.root_params == 151936 * 1536 + 1536  # tied: the embedding is the LM head
 
 
 def test_qwen7b_figures():
-    shape = Shape.from_config(MODEL_SHAPES["qwen2.5-7b"])
-    assert shape.params == 7_615_616_512  # Qwen2.5-7B's published count is 7.61 B
+    shape = load_shape("qwen2.5-7b")[1]
     plan = rank_memory(shape, Layout(nnodes=1, nproc_per_node=8, queries=32, group_size=8, max_model_len=4096))
-    assert plan["train"]["weights shard"] == -(-shape.params // 8) * 2
+    assert plan["train"]["weights shard"] == plan["train"]["reference shard"] == -(-shape.params // 8) * 2
+    assert rank_memory(shape, Layout(reference=False))["train"]["reference shard"] == 0
     assert plan["rollout"]["vLLM weights"] == shape.params * 2
     # 32·8 trajectories over 8 rollout groups, 4096 tokens, 2·28·4·128·2 B per token
     assert plan["rollout"]["vLLM KV cache"] == 32 * 4096 * 57344
@@ -82,7 +65,7 @@ def test_cli_prints_table_and_json():
     ).stdout
     *table, last = out.strip().splitlines()
     payload = json.loads(last)
-    assert payload["params"] == Shape.from_config(MODEL_SHAPES["qwen2.5-1.5b"]).params
+    assert payload["params"] == load_shape("qwen2.5-1.5b")[1].params
     assert "2×8 HSDP" in table[1] and "headroom on H200 141GB" in out
     peak = max(sum(payload["layouts"][0]["bytes"][p].values()) for p in ("train", "rollout")) / GiB
     assert f"{peak:.2f}" in next(line for line in table if line.startswith("peak"))

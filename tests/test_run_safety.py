@@ -328,3 +328,15 @@ def test_move_aside_keeps_everything_but_the_lock(tmp_path):
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
     assert moved is not None and sorted(p.name for p in moved.iterdir()) == ["checkpoints", "metrics.jsonl"]
     assert move_aside(run) is None
+
+
+def test_a_run_dir_with_an_earlier_run_is_refused_without_resume_or_restart(tmp_path, toy_model_dir, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    before = snapshot(run)
+    assert cli_main(toy_args(toy_model_dir, run, "--steps", "2")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{run} holds an earlier run (metrics.jsonl, checkpoints/step_000001)" in line
+    assert "--resume" in line and "--restart" in line
+    assert snapshot(run) == before, "the refused run changed the run directory"
