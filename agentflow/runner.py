@@ -25,6 +25,9 @@ own over a `StreamingLanguageModel`; "auto" picks continuous when every model in
 else lock-step. `RolloutResult.schedule` says which ran. With streaming models both schedules seed
 every request by (trajectory, turn, role) (`request_seed`), so on a deterministic engine they record
 the same turns; a model without the streaming interface gets one seed per batched call instead.
+Both schedules keep a trajectory's bookkeeping in the same functions: `start_states` (the states,
+query analysis in memory), `open_turn` (a planner call becomes a turn), `close_turn` (the tool result,
+or an invalid action's error, into the turn and memory) and `score` (reward and stop reason).
 
 Models (`RoleModels`): the planner's is the trained policy. Query analysis, executor, verifier,
 generator, the base_generator tool and the LLM judge use the planner's model unless `RoleModels`
@@ -41,14 +44,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentflow.agents import EXECUTORS, GENERATORS, PLANNER_FORMATS, VERIFIERS, Caller, Planner, QueryAnalyzer
-from agentflow.lm import LanguageModel, StreamingLanguageModel
+from agentflow.agents import (
+    EXECUTORS,
+    GENERATORS,
+    PLANNER_FORMATS,
+    VERIFIERS,
+    Caller,
+    Planner,
+    PlannerAction,
+    QueryAnalyzer,
+)
+from agentflow.lm import Generation, LanguageModel, StreamingLanguageModel
 from agentflow.memory import Memory, Step
 from agentflow.tasks.judges import LLMJudge, RuleJudge
 from agentflow.tasks.query import Query
 from agentflow.timing import NO_TIMER, Timer
 from agentflow.tools import TOOL_NAMES, BaseGenerator, Calculator, PythonTool, SandboxLimits, Search, Tool
-from agentflow.tools.base import run_tool_calls, truncate
+from agentflow.tools.base import ToolResult, error, run_tool_calls, truncate
 from agentflow.tools.search import open_index
 from agentflow.trajectory import Trajectory, Turn
 
@@ -215,11 +227,73 @@ def resolve_schedule(config: AgentConfig, models: RoleModels, tools: Sequence[To
 
 
 @dataclass
-class _State:
+class TrajectoryState:
+    """One running trajectory, in either schedule: the record, its query, its memory, why it stopped."""
+
     traj: Trajectory
     query: Query
     memory: Memory
     stop: str | None = None
+
+
+def start_states(
+    queries: Sequence[Query], group_size: int, analyses: dict[str, str], cls: type = TrajectoryState
+) -> list[Any]:
+    """`group_size` fresh states per query, in query order; `analyses`: the query analysis per question."""
+    return [
+        cls(
+            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer, source=q.source),
+            q,
+            Memory(query=q.question, analysis=analyses.get(q.question, "")),
+        )
+        for q in queries
+        for g in range(group_size)
+    ]
+
+
+def open_turn(s: TrajectoryState, prompt_ids: Sequence[int], g: Generation, action: PlannerAction) -> Turn:
+    """Record one planner call (prompt, response, sampling log-probs, parsed action) as the trajectory's next turn."""
+    turn = Turn(
+        prompt_ids=list(prompt_ids),
+        response_ids=list(g.token_ids),
+        response_logprobs=[float(x) for x in g.logprobs],
+        valid=action.valid,
+        tool=action.tool,
+        sub_goal=action.sub_goal,
+    )
+    s.traj.turns.append(turn)
+    return turn
+
+
+def close_turn(
+    s: TrajectoryState,
+    turn: Turn,
+    action: PlannerAction,
+    config: AgentConfig,
+    command: str = "",
+    result: ToolResult | None = None,
+) -> None:
+    """A valid action's command and tool result (truncated to `tool_result_chars`), or an invalid action's
+    parse error, into the turn and, as one step, into the trajectory's memory."""
+    if not action.valid:
+        turn.tool_result = f"invalid planner output: {action.error}"
+        s.memory.steps.append(Step(False, action.sub_goal, action.tool, error=action.error))
+        return
+    assert result is not None, "a valid action's turn closes with its tool result"
+    text = truncate(result.text, config.tool_result_chars)
+    turn.command, turn.tool_result = command, text
+    s.memory.steps.append(Step(True, action.sub_goal, action.tool, command, text, result.ok))
+
+
+def score(states: Sequence[TrajectoryState], judge: LLMJudge | RuleJudge, timer: Timer) -> None:
+    """The judge's reward (the `reward` phase), the stop reason and the memory into every trajectory."""
+    with timer.phase("reward"):
+        rewards = judge.score([s.query for s in states], [s.traj.answer for s in states])
+    for s, r in zip(states, rewards):
+        s.traj.reward = float(r)
+        assert s.stop is not None, "every trajectory leaves the loop with a stop reason"
+        s.traj.stop_reason = s.stop
+        s.traj.memory = s.memory
 
 
 def run_trajectories(
@@ -279,33 +353,23 @@ def run_trajectories(
         agents = Agents(planner, executor, verifier, generator, judge, by_name, planner_sampling)
         return run_continuous(agents, queries, group_size, config, seed=seed, timer=timer, analyses=analyses)
 
-    states = [
-        _State(
-            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer, source=q.source),
-            q,
-            Memory(query=q.question),
-        )
-        for q in queries
-        for g in range(group_size)
-    ]
+    states: list[TrajectoryState] = start_states(queries, group_size, analyses)
     index = {id(s): k for k, s in enumerate(states)}
     live = list(states)
     step = 0
-    for s in states:
-        s.memory.analysis = analyses.get(s.query.question, "")
     with cf.ThreadPoolExecutor(max_workers=config.tool_workers) as pool:
         while live:
             step += 1
             # 1. planner: one batched call for every live trajectory that fits the budget
             with timer.span("planner"):
-                asking: list[tuple[_State, list[int]]] = []
+                asking: list[tuple[TrajectoryState, list[int]]] = []
                 for s in live:
                     ids = planner.prompt_ids(s.memory)
                     if len(ids) + config.planner_max_new_tokens > budget:
                         s.stop = "context_budget"
                     else:
                         asking.append((s, ids))
-                acted: list[tuple[_State, Turn, Any]] = []
+                acted: list[tuple[TrajectoryState, Turn, PlannerAction]] = []
                 if asking:
                     sampling = planner.caller.sampling(
                         config.planner_max_new_tokens, seed=_seed(seed, step, 0), **planner_sampling
@@ -314,16 +378,7 @@ def run_trajectories(
                     gens = planner.caller.generate([ids for _, ids in asking], sampling, seeds)
                     for (s, ids), g in zip(asking, gens):
                         action = planner.parse(g, s.memory)
-                        turn = Turn(
-                            prompt_ids=list(ids),
-                            response_ids=list(g.token_ids),
-                            response_logprobs=[float(x) for x in g.logprobs],
-                            valid=action.valid,
-                            tool=action.tool,
-                            sub_goal=action.sub_goal,
-                        )
-                        s.traj.turns.append(turn)
-                        acted.append((s, turn, action))
+                        acted.append((s, open_turn(s, ids, g, action), action))
 
             # 2. executor: commands for the valid actions
             with timer.span("executor"):
@@ -340,19 +395,13 @@ def run_trajectories(
                 results = run_tool_calls(
                     [(by_name[valid[i][2].tool], commands[i][0]) for i in runnable], pool, config.tool_timeout_s
                 )
-                outcome: dict[int, tuple[bool, str]] = {
-                    i: (False, f"error: {err}") for i, (_, err) in enumerate(commands) if err
-                }
-                outcome.update({i: (r.ok, r.text) for i, r in zip(runnable, results)})
+                outcome = {i: error(err) for i, (_, err) in enumerate(commands) if err}
+                outcome.update(zip(runnable, results))
                 for i, (s, turn, a) in enumerate(valid):
-                    ok, text = outcome[i]
-                    text = truncate(text, config.tool_result_chars)
-                    turn.command, turn.tool_result = commands[i][0], text
-                    s.memory.steps.append(Step(True, a.sub_goal, a.tool, commands[i][0], text, ok))
+                    close_turn(s, turn, a, config, commands[i][0], outcome[i])
                 for s, turn, a in acted:
                     if not a.valid:
-                        turn.tool_result = f"invalid planner output: {a.error}"
-                        s.memory.steps.append(Step(False, a.sub_goal, a.tool, error=a.error))
+                        close_turn(s, turn, a, config)
 
             # 4. verifier, or the turn limit
             with timer.span("verifier"):
@@ -382,11 +431,5 @@ def run_trajectories(
             s.memory.final_output = raw
             s.traj.answer = answer
 
-    with timer.phase("reward"):
-        rewards = judge.score([s.query for s in states], [s.traj.answer for s in states])
-    for s, r in zip(states, rewards):
-        s.traj.reward = float(r)
-        assert s.stop is not None, "every trajectory leaves the loop with a stop reason"
-        s.traj.stop_reason = s.stop
-        s.traj.memory = s.memory
+    score(states, judge, timer)
     return RolloutResult([s.traj for s in states], counters, step, schedule="lockstep")

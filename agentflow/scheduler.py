@@ -35,15 +35,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentflow.agents import LLMExecutor, LLMGenerator, LLMVerifier, Planner
+from agentflow.agents import LLMExecutor, LLMGenerator, LLMRole, LLMVerifier, Planner
 from agentflow.lm import Generation, SamplingConfig, StreamingLanguageModel
-from agentflow.memory import Memory, Step
-from agentflow.runner import AgentConfig, RolloutResult, request_seed
+from agentflow.runner import (
+    AgentConfig,
+    RolloutResult,
+    TrajectoryState,
+    close_turn,
+    open_turn,
+    request_seed,
+    score,
+    start_states,
+)
 from agentflow.tasks.query import Query
 from agentflow.timing import NO_TIMER, Timer
 from agentflow.tools import BaseGenerator
-from agentflow.tools.base import Tool, ToolResult, _safe_run, error, truncate
-from agentflow.trajectory import Trajectory, Turn
+from agentflow.tools.base import Tool, ToolResult, _safe_run, error
 
 MAX_QUEUE_SAMPLES = 4096  # queue-depth samples kept per rollout (evenly thinned beyond)
 
@@ -76,11 +83,7 @@ class _Call:
 
 
 @dataclass
-class _Traj:
-    traj: Trajectory
-    query: Query
-    memory: Memory
-    stop: str | None = None
+class _Traj(TrajectoryState):
     turns: int = 0  # planner rounds entered (a context-budget stop counts)
     end: float = 0.0  # seconds from the rollout's start to this trajectory's last answer
 
@@ -100,6 +103,16 @@ class _Stats:
         self.response_tokens[role] = self.response_tokens.get(role, 0) + response
 
 
+def _reply(
+    role: str, agent: LLMRole, ids: list[int] | None, seed: int | None
+) -> PyGenerator[_Ask, Generation, str | None]:
+    """One greedy request of an LLM role and its reply's text; no request (None) when the prompt did not fit."""
+    if ids is None:
+        return None
+    sampling = agent.caller.sampling(agent.max_new_tokens, seed=seed)
+    return (yield _Ask(role, agent.caller.engine, ids, sampling)).text
+
+
 def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | None) -> PyGenerator[Any, Any, None]:
     """One trajectory's requests, in order; `yield` hands a request out and gets its answer back."""
     planner = a.planner
@@ -115,24 +128,13 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
         )
         g: Generation = yield _Ask("planner", planner.caller.engine, ids, sampling)
         action = planner.parse(g, s.memory)
-        t = Turn(
-            prompt_ids=list(ids),
-            response_ids=list(g.token_ids),
-            response_logprobs=[float(x) for x in g.logprobs],
-            valid=action.valid,
-            tool=action.tool,
-            sub_goal=action.sub_goal,
-        )
-        s.traj.turns.append(t)
+        t = open_turn(s, ids, g, action)
         if action.valid:
             tool = a.tools[action.tool]
             ex = a.executor
             if isinstance(ex, LLMExecutor):
                 ids = ex.prompt(*LLMExecutor.user(s.memory, tool, action.task))
-                text = None
-                if ids is not None:
-                    sampling = ex.caller.sampling(ex.max_new_tokens, seed=request_seed(seed, k, turn, "executor"))
-                    text = (yield _Ask("executor", ex.caller.engine, ids, sampling)).text
+                text = yield from _reply("executor", ex, ids, request_seed(seed, k, turn, "executor"))
                 command, err = LLMExecutor.parse(text)
             else:
                 command, err = ex.commands([(s.memory, tool, action.task)], None)[0]
@@ -145,22 +147,16 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
                 result = BaseGenerator.result(gen)
             else:
                 result = yield _Call(tool, command)
-            text = truncate(result.text, config.tool_result_chars)
-            t.command, t.tool_result = command, text
-            s.memory.steps.append(Step(True, action.sub_goal, action.tool, command, text, result.ok))
+            close_turn(s, t, action, config, command, result)
         else:
-            t.tool_result = f"invalid planner output: {action.error}"
-            s.memory.steps.append(Step(False, action.sub_goal, action.tool, error=action.error))
+            close_turn(s, t, action, config)
         if turn >= config.max_turns:
             s.stop = "max_turns"
             break
         ver = a.verifier
         if isinstance(ver, LLMVerifier):
             ids = ver.prompt(s.memory.render, len(s.memory.steps))
-            text = None
-            if ids is not None:
-                sampling = ver.caller.sampling(ver.max_new_tokens, seed=request_seed(seed, k, turn, "verifier"))
-                text = (yield _Ask("verifier", ver.caller.engine, ids, sampling)).text
+            text = yield from _reply("verifier", ver, ids, request_seed(seed, k, turn, "verifier"))
             verdict = LLMVerifier.parse(text)
         else:
             verdict = ver.decide([s.memory], None)[0]
@@ -171,10 +167,7 @@ def _trajectory(k: int, s: _Traj, a: Agents, config: AgentConfig, seed: int | No
     gen = a.generator
     if isinstance(gen, LLMGenerator):
         ids = gen.prompt(s.memory.render, len(s.memory.steps))
-        text = None
-        if ids is not None:
-            sampling = gen.caller.sampling(gen.max_new_tokens, seed=request_seed(seed, k, 0, "generator"))
-            text = (yield _Ask("generator", gen.caller.engine, ids, sampling)).text
+        text = yield from _reply("generator", gen, ids, request_seed(seed, k, 0, "generator"))
         raw, answer = LLMGenerator.parse(text)
     else:
         raw, answer = gen.answers([s.memory], None)[0]
@@ -194,16 +187,7 @@ def run_continuous(
 ) -> RolloutResult:
     """Run `group_size` trajectories per query, each advancing on its own (see the module docstring);
     `analyses`: the query analysis per question when the planner format asks for one."""
-    analyses = analyses or {}
-    states = [
-        _Traj(
-            Trajectory(query_id=q.id, group_index=g, query=q.question, gold=q.answer),
-            q,
-            Memory(query=q.question, analysis=analyses.get(q.question, "")),
-        )
-        for q in queries
-        for g in range(group_size)
-    ]
+    states: list[_Traj] = start_states(queries, group_size, analyses or {}, _Traj)
     counters = agents.planner.caller.counters  # the runner's counters, shared by every role's Caller
     stats = _Stats()
     callers = {
@@ -271,13 +255,7 @@ def run_continuous(
                 wait = max(0.0, config.tool_timeout_s - (time.perf_counter() - oldest))
                 cf.wait(list(calls), timeout=wait, return_when=cf.FIRST_COMPLETED)
     wall = time.perf_counter() - t0
-    with timer.phase("reward"):
-        rewards = agents.judge.score([s.query for s in states], [s.traj.answer for s in states])
-    for s, r in zip(states, rewards):
-        s.traj.reward = float(r)
-        assert s.stop is not None, "every trajectory leaves the loop with a stop reason"
-        s.traj.stop_reason = s.stop
-        s.traj.memory = s.memory
+    score(states, agents.judge, timer)
     queue = stats.queue
     if len(queue) > MAX_QUEUE_SAMPLES:
         queue = [queue[i * len(queue) // MAX_QUEUE_SAMPLES] for i in range(MAX_QUEUE_SAMPLES)]

@@ -28,7 +28,7 @@ import torch
 
 from engine.fsio import atomic_write_json
 from engine.logprob_gap import logprob_gap
-from engine.model import UnsupportedArchitecture, check_architecture
+from engine.preflight import UnsupportedArchitecture, check_architecture
 from engine.rollout.protocol import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

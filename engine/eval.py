@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from agentflow.lm import LanguageModel
-from agentflow.runner import AGENT_MODES, AgentConfig, RoleModels, run_trajectories
+from agentflow.runner import AgentConfig, RoleModels, run_trajectories
 from agentflow.tasks import DataSpec, Query, load_queries
-from agentflow.tools import TOOL_NAMES
 from agentflow.tools.search import open_index
 from agentflow.trajectory import Trajectory
 from engine.fsio import atomic_write_json
+from engine.solve import add_agent_arguments, agent_config, build_cli_engine
 from engine.timer import PhaseTimer
 
 Z95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
@@ -167,29 +167,17 @@ def format_table(rows: Sequence[BenchResult]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = AgentConfig()
+    add_agent_arguments(p, max_turns=10, engines=("auto", "embedded", "vllm"))  # AgentFlow evaluates with 10 turns
     p.add_argument("benchmarks", nargs="+", help="benchmark directories (<bench>/data/data.json) or task files")
-    p.add_argument("--model", required=True, help="local HF model directory (the planner checkpoint)")
-    p.add_argument("--max-turns", type=int, default=10, help="planner turns per query (AgentFlow evaluates with 10)")
     p.add_argument("--limit", type=int, help="only the first N queries of each benchmark")
     p.add_argument("--batch-size", type=int, default=64, help="queries run together in lock-step")
     p.add_argument("--question-key", help="column of the question (default: query, question, problem, prompt)")
     p.add_argument("--answer-key", help="column of the answer(s) (default: answer, golden_answers, result, ...)")
     p.add_argument("--id-key", help="column of the id (default: id, pid, idx)")
     p.add_argument("--answer-sep", help="split string answers into several acceptable ones at this separator")
-    p.add_argument("--planner-max-new-tokens", type=int, default=d.planner_max_new_tokens)
-    p.add_argument("--context-budget", type=int, default=d.context_budget, help="tokens per engine call")
-    for role in ("executor", "verifier", "generator"):
-        p.add_argument(f"--{role}", choices=AGENT_MODES, default=getattr(d, role), help=f"{role}: LLM or rule-based")
-    p.add_argument("--judge", choices=AGENT_MODES, default="rule", help="each query's rule judge, or an LLM judge")
     p.add_argument("--corpus", help="JSONL or parquet of id, title, text for the search tool (default: shipped)")
     p.add_argument("--corpus-index", help="directory of the corpus's persistent index (default <corpus>.bm25s)")
-    p.add_argument("--search-top-k", type=int, default=d.search_top_k, help="passages per search call")
-    p.add_argument("--tools", default=",".join(d.tools), help=f"comma-separated subset of {','.join(TOOL_NAMES)}")
-    p.add_argument("--engine", choices=("auto", "embedded", "vllm"), default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", help="embedded engine device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search-top-k", type=int, default=AgentConfig().search_top_k, help="passages per search call")
     p.add_argument("--json", dest="json_out", help="write the table and every trajectory to this file")
 
 
@@ -215,16 +203,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--limit must be >= 1")
         spec = DataSpec(args.question_key, args.answer_key, args.id_key, None, args.answer_sep)
         benchmarks = load_benchmarks(args.benchmarks, spec, args.limit)
-        config = AgentConfig(
-            max_turns=args.max_turns,
+        config = agent_config(
+            args,
             temperature=0.0,
-            planner_max_new_tokens=args.planner_max_new_tokens,
-            context_budget=args.context_budget,
-            executor=args.executor,
-            verifier=args.verifier,
-            generator=args.generator,
-            judge=args.judge,
-            tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
             search_corpus=args.corpus,
             search_index_dir=args.corpus_index,
             search_top_k=args.search_top_k,
@@ -233,22 +214,8 @@ def main(args: argparse.Namespace) -> int:
             index = open_index(config.search_corpus, config.search_index_dir)
             how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
             print(f"search corpus {config.search_corpus}: {index.num_passages} passages, index {how}", flush=True)
-        from engine.build import build_engine, choose_engine
-        from engine.model import check_model_dir
-        from engine.presets import RolloutConfig
-
-        model_dir = check_model_dir(args.model)
-        kind, why = choose_engine(args.engine, model_dir)
-        engine = build_engine(
-            kind,
-            RolloutConfig(engine=kind),
-            model_dir=model_dir,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_model_len=args.context_budget,
-            device=args.device,
-        )
-    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as e:
+        engine, model_dir, kind, why = build_cli_engine(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"flowgrpo eval: error: {e}", file=sys.stderr)
         return 2
     total = sum(map(len, benchmarks.values()))

@@ -190,27 +190,11 @@ def _load_tiny_llama(dtype: torch.dtype, cfg: TinyConfig = DEFAULT_TINY) -> tupl
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(cfg.vocab_size, cfg.extra_tokens)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hidden // cfg.heads,
-        max_position_embeddings=cfg.max_position,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=None,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
+    hf = cfg.hf_fields(tok)
+    config = LlamaConfig(**hf, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.generation_config = GenerationConfig(eos_token_id=hf["eos_token_id"], pad_token_id=hf["pad_token_id"])
     provenance = {"name": "tiny-llama", "source": f"random init, {cfg}", "conversion": "none"}
     return model, tok, provenance
 

@@ -1,8 +1,9 @@
 """The planner model: loading from a local HF directory, architecture presets, and the packed forward.
 
-- Supported architectures (`SUPPORTED_ARCHITECTURES`): Qwen2 and Llama (SmolLM2), tied or untied LM
-  head; `check_model_dir` / `check_architecture` reject any other `model_type` in one line naming them,
-  before anything is loaded (the packed attention, fused loss and weight sync are tested on these two).
+- Supported architectures (`engine.preflight.SUPPORTED_ARCHITECTURES`): Qwen2 and Llama (SmolLM2), tied or
+  untied LM head; `load_planner` calls `engine.preflight.check_model_dir`, which rejects any other
+  `model_type` (and a missing or damaged directory) with a one-line `UsageError` before anything is loaded
+  (the packed attention, fused loss and weight sync are tested on these two).
 - `load_planner(path, dtype=, device=)` loads a causal LM from a local Hugging Face directory
   (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
   needed; the host copy is already in `dtype`), with the packed-aware attention of
@@ -20,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 
 from engine.attention import enable_packed_attention
 from engine.packing import MicroBatch
-from engine.preflight import SUPPORTED_ARCHITECTURES
+from engine.preflight import check_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,50 +41,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
-
-
-class UnsupportedArchitecture(ValueError):
-    """A model whose architecture the packed attention, fused loss, rollout and sync paths are not tested on."""
-
-
-def check_architecture(path: str | Path) -> str:
-    """The `model_type` of the HF directory's config.json if flowgrpo supports it; else a one-line error."""
-    p = Path(path) / "config.json"
-    try:
-        config = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot read {p} ({e}); pass a Hugging Face model directory") from None
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
-        raise UnsupportedArchitecture(
-            f"{p.parent}: architecture {model_type!r} ({', '.join(config.get('architectures') or ['?'])}) "
-            f"is not supported; supported: {names}"
-        )
-    return model_type
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """The directory as a Path if it holds an HF model (config.json + safetensors) of a supported
-    architecture; else a clear error."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(
-            f"model directory {p} does not exist; pass a local Hugging Face model directory "
-            f"(or build a tiny one with `flowgrpo make-tiny {p}`)"
-        )
-    if not p.is_dir():
-        raise NotADirectoryError(f"model path {p} is a file; pass the directory holding config.json and *.safetensors")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {p} has no config.json; it is not a Hugging Face model directory")
-    if not any(p.glob("*.safetensors")):
-        found = sorted(x.name for x in p.iterdir())[:10]
-        raise FileNotFoundError(
-            f"model directory {p} has no *.safetensors weights (found: {found}); save the model with "
-            f"`save_pretrained(..., safe_serialization=True)`"
-        )
-    check_architecture(p)
-    return p
 
 
 def load_planner(path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu"):

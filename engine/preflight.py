@@ -1,8 +1,10 @@
 """Checks before work: every input of a run is validated before a model or an engine is built.
 
 `check_run(config)` is called first thing by `flowgrpo train` (and `check_model_dir` / `check_device`
-by `flowgrpo solve`); each problem raises `UsageError` with one line naming the problem and the fix,
-which the command line (`engine.cli`) prints as `flowgrpo: error: <line>` with exit status 2.
+by `flowgrpo solve` and `flowgrpo eval`; `check_model_dir` again by every model load:
+`engine.model.load_planner` and the embedded and vLLM engines' `from_pretrained`); each problem raises
+`UsageError` with one line naming the problem and the fix, which the command line (`engine.cli`) prints
+as `flowgrpo: error: <line>` with exit status 2.
 Nothing here writes or deletes anything; `check_resume` runs under the run-directory lock
 (`engine.run_dir`) because it reads checkpoints another process could be writing.
 
@@ -95,23 +97,33 @@ def _config(p: Path) -> dict[str, Any]:
         raise UsageError(
             f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); restore the model's config.json"
         ) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {cfg_path} ({e.strerror}); pass a Hugging Face model directory") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not the object a model config is")
     return cfg
 
 
-def check_architecture(cfg: dict[str, Any], where: Path) -> None:
+class UnsupportedArchitecture(UsageError):
+    """A model whose `model_type` the packed attention, fused loss, rollout and sync paths are not tested on."""
+
+
+def check_architecture(path: str | Path) -> str:
+    """The `model_type` of the model directory's config.json if the trainer supports it, else UsageError."""
+    cfg = _config(Path(path))
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_ARCHITECTURES.items())
         arch = ", ".join(cfg.get("architectures") or []) or "no architectures field"
-        raise UsageError(
-            f"{where}: model_type {model_type!r} ({arch}) is not supported by the trainer; supported: {supported}"
+        raise UnsupportedArchitecture(
+            f"{Path(path) / 'config.json'}: model_type {model_type!r} ({arch}) is not supported by the trainer; supported: {supported}"
         )
+    return model_type
 
 
-def check_model_dir(path: str | Path, *, architecture: bool = True) -> Path:
-    """A local HF model directory that the trainer can load (see the module doc), else UsageError."""
+def check_model_dir(path: str | Path) -> Path:
+    """A local HF model directory that the trainer and the rollout engines can load (see the module doc),
+    else UsageError."""
     p = Path(path)
     if not p.exists():
         raise UsageError(
@@ -122,9 +134,7 @@ def check_model_dir(path: str | Path, *, architecture: bool = True) -> Path:
         raise UsageError(f"model path {p} is a file; pass the directory holding config.json and *.safetensors")
     if not (p / "config.json").is_file():
         raise UsageError(f"model directory {p} has no config.json; it is not a Hugging Face model directory")
-    cfg = _config(p)
-    if architecture:
-        check_architecture(cfg, p / "config.json")
+    check_architecture(p)
     shards = sorted(p.glob("*.safetensors"))
     if not shards:
         raise UsageError(

@@ -21,6 +21,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -68,6 +69,23 @@ class TinyConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.vocab_size < 300:
             raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+
+    def hf_fields(self, tok: Any) -> dict[str, Any]:
+        """The HF config fields of this size with the tokenizer `tok` (`build_tokenizer`), the same for the
+        tiny Qwen2 (`make_tiny`) and the tiny Llama (`engine.make_model`); each adds its own RoPE and tying."""
+        return dict(
+            vocab_size=len(tok),
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.hidden // self.heads,
+            max_position_embeddings=self.max_position,
+            bos_token_id=None,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        )
 
 
 def build_tokenizer(vocab_size: int, extra_tokens: tuple[str, ...] = ()):
@@ -118,30 +136,16 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig(), *, force: boo
     out = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
     out.mkdir()
     tok = build_tokenizer(cfg.vocab_size, cfg.extra_tokens)
-    vocab = len(tok)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hidden // cfg.heads,
-        max_position_embeddings=cfg.max_position,
-        tie_word_embeddings=cfg.tie_embeddings,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        bos_token_id=None,
-        rope_theta=10000.0,
-    )
+    hf = cfg.hf_fields(tok)
+    config = Qwen2Config(**hf, tie_word_embeddings=cfg.tie_embeddings, rope_theta=10000.0)
     torch.manual_seed(cfg.seed)
     model = Qwen2ForCausalLM(config).to(DTYPES[cfg.dtype])
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.generation_config = GenerationConfig(eos_token_id=hf["eos_token_id"], pad_token_id=hf["pad_token_id"])
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / "flowgrpo_tiny.json").write_text(json.dumps({**asdict(cfg), "actual_vocab_size": vocab}, indent=2) + "\n")
+    (out / "flowgrpo_tiny.json").write_text(
+        json.dumps({**asdict(cfg), "actual_vocab_size": hf["vocab_size"]}, indent=2) + "\n"
+    )
     for p in out.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())

@@ -161,3 +161,10 @@ def test_base_generator_is_an_engine_request_in_continuous_mode():
         out[schedule] = _fingerprint(res)
         assert [tr.turns[0].tool_result for tr in res.trajectories] == ["three", "three"]
     assert out["continuous"] == out["lockstep"]
+
+
+def test_both_schedules_record_the_query_source():
+    queries = [Query(q.id, q.question, q.answer, judge="numeric", source=f"src{i}") for i, q in enumerate(_queries(2))]
+    for schedule in ("continuous", "lockstep"):
+        res = run_trajectories(StreamingScriptedEngine(_seeded), queries, 2, AgentConfig(schedule=schedule), seed=3)
+        assert [tr.source for tr in res.trajectories] == ["src0", "src0", "src1", "src1"], schedule

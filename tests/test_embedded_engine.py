@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.preflight import UsageError
 from engine.rollout.embedded import EmbeddedEngine
 from engine.rollout.protocol import RolloutEngine, SamplingConfig
 from engine.rollout.sampling import processed_logprobs
@@ -200,9 +201,9 @@ def test_bad_prompts_are_clear_errors(engine):
 
 
 def test_missing_or_invalid_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*make-tiny"):
+    with pytest.raises(UsageError, match=r"does not exist.*make-tiny"):
         EmbeddedEngine.from_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+    with pytest.raises(UsageError, match=r"no config\.json"):
         EmbeddedEngine.from_pretrained(tmp_path)
 
 

@@ -22,15 +22,9 @@ import kernels
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.logprob_gap import logprob_gap
 from engine.make_model import make_tiny_llama
-from engine.model import (
-    SUPPORTED_ARCHITECTURES,
-    UnsupportedArchitecture,
-    check_model_dir,
-    hidden_states,
-    lm_head_weight,
-    load_planner,
-)
+from engine.model import hidden_states, lm_head_weight, load_planner
 from engine.packing import TrainSequence, pack
+from engine.preflight import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, check_model_dir
 from engine.presets import TOY_TOOLS, toy
 from engine.rollout.protocol import SamplingConfig
 from engine.tiny import TinyConfig

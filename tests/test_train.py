@@ -22,6 +22,7 @@ import torch
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from engine.loop import TrainLoop
 from engine.metrics import STEP_KEYS, is_declared, read_metrics
+from engine.preflight import UsageError
 from engine.presets import TOY_TOOLS, RunConfig, preset, toy
 from engine.tiny import TinyConfig, make_tiny
 
@@ -358,7 +359,7 @@ def test_bad_configurations_are_clear_errors(tmp_path):
     if not torch.cuda.is_available():  # 7.6B parameters: ~57 GiB with gradients and AdamW state
         with pytest.raises(ValueError, match="GiB for weights, gradients and AdamW"):
             TrainLoop(dataclasses.replace(q, model=dataclasses.replace(q.model, device="cpu")))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         TrainLoop(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tmp_path / "nope"))))
 
 

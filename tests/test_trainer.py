@@ -20,6 +20,7 @@ from engine.model import (
     preset_config,
 )
 from engine.packing import TrainSequence, pack, unpack_responses
+from engine.preflight import UsageError
 from engine.trainer import Trainer, TrainerConfig, flops_per_token, loss_functions
 from kernels import LossConfig, reference
 from kernels.testing import assert_close
@@ -446,13 +447,13 @@ def test_presets_and_random_build():
 
 
 def test_load_planner_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope'} does not exist")):
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'nope'} does not exist")):
         load_planner(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+    with pytest.raises(UsageError, match=r"has no config\.json"):
         load_planner(tmp_path / "empty")
-    (tmp_path / "empty" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"has no \*.safetensors"):
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(UsageError, match=r"has no \*.safetensors"):
         load_planner(tmp_path / "empty")
 
 

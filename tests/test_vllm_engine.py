@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.logprob_gap import logprob_gap, trainer_logprobs
+from engine.preflight import UsageError
 from engine.rollout.protocol import RolloutEngine, SamplingConfig
 from engine.rollout.weight_buckets import ALIGN, pack_buckets, plan_buckets
 
@@ -254,9 +255,9 @@ def test_stats_count_work_and_memory(engine, prompts):
 
 
 def test_from_pretrained_rejects_bad_configuration(tmp_path, tiny_model_dir):
-    with pytest.raises(FileNotFoundError, match="make-tiny"):
+    with pytest.raises(UsageError, match="make-tiny"):
         VLLMEngine.from_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(UsageError, match=r"config\.json"):
         VLLMEngine.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not both"):
         VLLMEngine.from_pretrained(tiny_model_dir, kv_cache_bytes=1 << 20, gpu_memory_utilization=0.1)

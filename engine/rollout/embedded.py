@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from engine.model import check_architecture
+from engine.preflight import check_model_dir
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.sampling import processed_logprobs
 
@@ -94,18 +94,7 @@ class EmbeddedEngine:
         """Load an HF model directory (config.json + safetensors + tokenizer) onto `device`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model directory {str(path)!r} does not exist; pass a local HF model directory "
-                f"(build a tiny one with `flowgrpo make-tiny {path}`)"
-            )
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{str(path)!r} has no config.json, so it is not an HF model directory; "
-                f"point at the directory holding config.json, model.safetensors and the tokenizer files"
-            )
-        check_architecture(path)
+        path = check_model_dir(model_dir)
         if isinstance(dtype, str) and dtype != "auto":
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from engine.device_memory import explain_oom, is_oom
-from engine.model import check_architecture
+from engine.preflight import check_model_dir
 from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
 from engine.rollout.weight_buckets import pack_buckets
 
@@ -258,15 +258,7 @@ class VLLMEngine:
         fraction of host memory); on CUDA `gpu_memory_utilization` (default 0.5, the trainer needs the rest)
         or `kv_cache_bytes`.
         """
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model directory {str(path)!r} does not exist; pass a local HF model directory "
-                f"(build a tiny one with `flowgrpo make-tiny {path}`)"
-            )
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no config.json, so it is not an HF model directory")
-        check_architecture(path)
+        path = check_model_dir(model_dir)
         on_cuda = torch.cuda.is_available()
         if kv_cache_bytes is None and gpu_memory_utilization is None:
             if on_cuda:
