@@ -38,6 +38,7 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from engine.fsio import atomic_write_bytes, fsync_dir
+from engine.preflight import UsageError
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -134,6 +136,9 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     saved_at: float = 0.0
+    layout: str = "single"  # "single": this module's files; "dcp": engine.dist_checkpoint's shards
+    world: int = 1  # ranks that wrote it
+    rng_ranks: list[dict[str, Any]] = field(default_factory=list)  # "dcp": RNG states of each rank
 
 
 def _read_complete(path: Path) -> Checkpoint | None:
@@ -163,6 +168,9 @@ def _read_state(path: Path) -> tuple[Checkpoint | None, str]:
             state=meta.get("state", {}),
             rng=meta.get("rng", {}),
             saved_at=meta["time"],
+            layout=meta.get("layout", "single"),
+            world=int(meta.get("world", 1)),
+            rng_ranks=meta.get("rng_ranks", []),
         ), ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{STATE_FILE} is not a checkpoint's ({type(e).__name__})"
@@ -201,9 +209,19 @@ def file_digests(paths: list[Path], block_bytes: int = BLOCK_BYTES) -> dict[str,
     return out
 
 
-def _write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, digests: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write `manifest.json` (fsynced) over every other file of `directory`; `digests`: already computed."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {"format": FORMAT, "algorithm": HASH, "block_bytes": BLOCK_BYTES, "files": file_digests(files)}
+    if digests is None:
+        digests = file_digests(files)
+    if sorted(digests) != [p.name for p in files]:
+        raise ValueError(f"digests of {sorted(digests)} given for the files {[p.name for p in files]}")
+    manifest = {
+        "format": FORMAT,
+        "algorithm": HASH,
+        "block_bytes": BLOCK_BYTES,
+        "files": {name: digests[name] for name in sorted(digests)},
+    }
     with open(directory / MANIFEST_FILE, "w") as f:
         f.write(json.dumps(manifest, indent=1))
         f.flush()
@@ -213,8 +231,11 @@ def _write_manifest(directory: Path) -> None:
 _VERIFIED: dict[tuple, str] = {}
 
 
-def verify_checkpoint(path: str | Path) -> str:
-    """ "" when every file of the checkpoint in `path` matches its manifest, else why not (one phrase)."""
+def verify_checkpoint(path: str | Path, names: Collection[str] | None = None) -> str:
+    """ "" when every file of the checkpoint in `path` matches its manifest, else why not (one phrase).
+
+    `names`: hash only these files of the manifest (the ranks of a sharded load split the work);
+    the sizes of all files are still checked."""
     path = Path(path)
     ck, why = _read_state(path)
     if ck is None:
@@ -229,6 +250,8 @@ def verify_checkpoint(path: str | Path) -> str:
         return f"{MANIFEST_FILE} is damaged"
     try:
         files = manifest["files"]
+        if names is not None:
+            files = {n: files[n] for n in files if n in names}
         algorithm, block = manifest["algorithm"], int(manifest["block_bytes"])
         if algorithm not in hashlib.algorithms_available:
             return f"{MANIFEST_FILE} uses {algorithm}, which this Python cannot compute"
@@ -344,14 +367,7 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (see module doc) and return its directory."""
     from safetensors.torch import save_file
 
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(run_dir)
-    name = step_dirname(step)
-    tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = make_temp_dir(run_dir, step, keep_last)
 
     tensors, aliases = _dedupe(model.state_dict())
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIAS_KEY: json.dumps(aliases)})
@@ -379,9 +395,28 @@ def save_checkpoint(
         f.write(json.dumps(meta, indent=1, allow_nan=False, default=str))
         f.flush()
         os.fsync(f.fileno())
-    _write_manifest(tmp)
+    write_manifest(tmp)
     fsync_dir(tmp)
+    return commit(tmp, step, keep_last)
 
+
+def make_temp_dir(run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """A new hidden `.tmp-step_...` directory to write checkpoint `step` into (leftovers removed first)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(run_dir)
+    tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, step: int, keep_last: int) -> Path:
+    """Rename the complete temp directory `tmp` to `step_NNNNNN` (the commit point), point `latest` at
+    it and prune; returns the checkpoint's directory."""
+    root = tmp.parent
+    name = step_dirname(step)
     final = root / name
     if final.exists():  # re-saving a step (a resumed run repeating it): move the old one aside first
         old = root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
@@ -428,6 +463,11 @@ def load_checkpoint(
             raise FileNotFoundError(f"{path} is not a complete checkpoint (missing/partial {STATE_FILE} or files)")
         checkpoint = ck
     path = checkpoint.path
+    if checkpoint.layout != "single":
+        raise UsageError(
+            f"{path} is a sharded checkpoint written by {checkpoint.world} ranks; "
+            f"load it with engine.dist_checkpoint.load_sharded (any world size, one process included)"
+        )
     own = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     with safe_open(path / MODEL_FILE, framework="pt") as f:
