@@ -25,6 +25,10 @@ Pruning keeps the last `keep_last` complete checkpoints. An old one is first ren
 `.trash-step_...` name (one atomic rename, after which nothing looks like a checkpoint), then
 deleted; older incomplete `step_*` directories (from an interrupted writer of an earlier version)
 go the same way.
+
+`engine.dist_checkpoint` writes the sharded checkpoints of a torchrun run into the same layout
+(`state.json` says `layout: "dcp"` and the world size), with the same manifest, pointer and pruning,
+so `load_latest` and `verify_checkpoint` serve both kinds; `load_checkpoint` refuses a sharded one.
 """
 
 from __future__ import annotations
@@ -143,10 +147,10 @@ class Checkpoint:
 
 def _read_complete(path: Path) -> Checkpoint | None:
     """The checkpoint in `path` if it looks complete (state.json parses, its files present with their sizes)."""
-    return _read_state(path)[0]
+    return read_state(path)[0]
 
 
-def _read_state(path: Path) -> tuple[Checkpoint | None, str]:
+def read_state(path: Path) -> tuple[Checkpoint | None, str]:
     """(checkpoint, "") when state.json parses and the recorded files have their sizes, else (None, why)."""
     try:
         meta = json.loads((path / STATE_FILE).read_text())
@@ -237,7 +241,7 @@ def verify_checkpoint(path: str | Path, names: Collection[str] | None = None) ->
     `names`: hash only these files of the manifest (the ranks of a sharded load split the work);
     the sizes of all files are still checked."""
     path = Path(path)
-    ck, why = _read_state(path)
+    ck, why = read_state(path)
     if ck is None:
         return why
     try:
@@ -296,7 +300,7 @@ def _digests_with(path: Path, algorithm: str, block: int) -> dict[str, dict[str,
     return {path.name: {"size": size, algorithm: out}}
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """(step, path) of every `step_NNNNNN` directory, complete or not, oldest first."""
     if not root.is_dir():
         return []
@@ -310,7 +314,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     """Complete checkpoints of the run (by file sizes), oldest first; hidden leftovers are ignored."""
     found = []
-    for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS):
+    for _, p in step_dirs(Path(run_dir) / CHECKPOINTS):
         if (ck := _read_complete(p)) is not None:
             found.append(ck)
     return sorted(found, key=lambda c: c.step)
@@ -320,8 +324,8 @@ def load_latest(run_dir: str | Path, *, verify: bool = True, notes: list[str] | 
     """The newest checkpoint that verifies (with verify=False: that looks complete), or None.
 
     Each newer `step_*` directory passed over is reported in `notes` with the reason."""
-    for _, p in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)):
-        why = verify_checkpoint(p) if verify else _read_state(p)[1]
+    for _, p in reversed(step_dirs(Path(run_dir) / CHECKPOINTS)):
+        why = verify_checkpoint(p) if verify else read_state(p)[1]
         if not why:
             return _read_complete(p)
         if notes is not None:
@@ -434,10 +438,10 @@ def commit(tmp: Path, step: int, keep_last: int) -> Path:
 
 def _prune(root: Path, keep_last: int, final: Path) -> None:
     """Discard all but the newest `keep_last` complete checkpoints, and incomplete directories older than those."""
-    complete = [p for _, p in _step_dirs(root) if _read_complete(p) is not None]
+    complete = [p for _, p in step_dirs(root) if _read_complete(p) is not None]
     kept = complete[-keep_last:]
     oldest_kept = min((int(p.name[5:]) for p in kept), default=0)
-    for step, p in _step_dirs(root):
+    for step, p in step_dirs(root):
         if p != final and p not in kept and step < oldest_kept:
             _discard(p)
 

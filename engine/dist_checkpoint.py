@@ -32,8 +32,8 @@ says so.
 
 Simplifications: the checkpoint directory must be visible to all ranks at the same path (one node,
 or a shared filesystem across nodes), as for DCP's `FileSystemWriter`; saving is synchronous (no
-`async_save`); `rank` is the global rank, so on an HSDP mesh each replica's shards are written once
-by DCP's de-duplication of replicated tensors.
+`async_save`); on an HSDP mesh the replicas hold equal shards and DCP's planner writes each once
+(the tests here use the 1-D mesh).
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ from engine.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
     Checkpoint,
-    _read_state,
-    _step_dirs,
     capture_rng,
     commit,
     file_digests,
     make_temp_dir,
+    read_state,
     restore_rng,
+    step_dirs,
     verify_checkpoint,
     write_manifest,
 )
@@ -185,7 +185,7 @@ def verify_sharded(path: str | Path, dp: DataParallel = SINGLE) -> str:
     """ "" when checkpoint `path` matches its manifest, else why not: the same answer on every rank,
     each rank hashing its share of the files."""
     path = Path(path)
-    ck, why = _read_state(path)
+    ck, why = read_state(path)
     if ck is not None:
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE}
         why = verify_checkpoint(path, names=share(sizes, dp.rank, dp.world))
@@ -195,10 +195,10 @@ def verify_sharded(path: str | Path, dp: DataParallel = SINGLE) -> str:
 def latest_sharded(run_dir: str | Path, dp: DataParallel = SINGLE, notes: list[str] | None = None) -> Checkpoint | None:
     """The newest checkpoint of the run that verifies (either kind), the same on every rank, or None;
     each newer `step_*` directory passed over is reported in `notes` with the reason."""
-    for _, p in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)):
+    for _, p in reversed(step_dirs(Path(run_dir) / CHECKPOINTS)):
         why = verify_sharded(p, dp)
         if not why:
-            return _read_state(p)[0]
+            return read_state(p)[0]
         if notes is not None:
             notes.append(f"skipped checkpoint {p.name}: {why}")
     return None
@@ -225,7 +225,7 @@ def load_sharded(
             f"checkpoint {path}: {why}; move the directory aside to resume from an earlier checkpoint "
             f"(engine.checkpoint.load_latest skips damaged ones)"
         )
-    ck, _ = _read_state(path)
+    ck, _ = read_state(path)
     assert ck is not None
     if ck.layout != LAYOUT:
         raise UsageError(
@@ -247,8 +247,8 @@ def load_sharded(
             restore_rng(ck.rng_ranks[dp.rank])
         elif notes is not None:
             notes.append(
-                f"RNG states not restored: {path.name} was written by {ck.world} ranks and this run has "
-                f"{dp.world}; each rank keeps the RNG state it has"
+                f"RNG states not restored: {path.name} was written by {ck.world} rank{'s' * (ck.world > 1)} "
+                f"and this run has {dp.world}; each rank keeps the RNG state it has"
             )
     return ck
 

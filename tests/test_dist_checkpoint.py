@@ -2,8 +2,8 @@
 
 One 2-rank FSDP2 run (tests/dcp_worker.py) trains 3 steps and saves at step 2; from that checkpoint
 a 2-rank resume must continue bit-identically (parameters, AdamW state, per-rank RNG, next step's
-loss and grad norm), and a 1-process resume must load the same full parameters and optimizer state
-(DCP resharding). A rank SIGKILLed in the middle of a save must leave the previous checkpoint as
+loss and grad norm), a 1-process resume must load the same full parameters and optimizer state
+(DCP resharding), and a 2-rank resume of that process's checkpoint the ones it saved. A rank SIGKILLed in the middle of a save must leave the previous checkpoint as
 `latest`, intact and loadable; a flipped byte in a shard must stop every rank with one line.
 """
 
@@ -81,16 +81,24 @@ def test_two_ranks_resume_bit_identical(saved):
     _assert_same(b["final"], a["final"])
 
 
-def test_one_process_resumes_a_two_rank_checkpoint(saved):
-    tmp = saved["tmp"]
-    _launch(1, [saved["model"], "run", "c.pt", "--steps", "3", "--resume"], tmp)
-    a, c = saved["out"], _load(tmp / "c.pt")
+def test_world_size_changes_2_to_1_to_2(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved["run"], run)
+    _launch(1, [saved["model"], "run", "c.pt", "--steps", "3", "--resume", "--save-at", "3"], tmp_path)
+    a, c = saved["out"], _load(tmp_path / "c.pt")
     assert c["world"] == 1 and c["loaded_step"] == 2
     _assert_same(c["loaded"], a["saved"][2])  # resharded 2 -> 1: the same full tensors
     assert any("RNG states not restored" in n and "2 ranks" in n for n in c["notes"]), c["notes"]
     loss, norm = c["losses"][3]
     # one process sums the 8 turns in another order than 2 ranks + all-reduce: observed 2.2e-8 on the loss
     assert abs(loss - a["losses"][3][0]) <= 1e-6 and abs(norm - a["losses"][3][1]) <= 1e-5 * norm
+    ck = load_latest(run)  # written by one process without a process group
+    assert ck is not None and ck.step == 3 and ck.world == 1 and ck.layout == "dcp"
+    _launch(2, [saved["model"], "run", "d.pt", "--steps", "3", "--resume"], tmp_path)
+    d = _load(tmp_path / "d.pt")
+    assert d["loaded_step"] == 3
+    _assert_same(d["loaded"], c["saved"][3])  # resharded 1 -> 2
+    assert any("RNG states not restored" in n and "1 rank and" in n for n in d["notes"]), d["notes"]
 
 
 def test_layout_is_the_run_directory_of_single_process_checkpoints(saved):
