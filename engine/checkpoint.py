@@ -25,6 +25,10 @@ Pruning keeps the last `keep_last` complete checkpoints. An old one is first ren
 `.trash-step_...` name (one atomic rename, after which nothing looks like a checkpoint), then
 deleted; older incomplete `step_*` directories (from an interrupted writer of an earlier version)
 go the same way.
+
+`engine.dist_checkpoint` writes the sharded checkpoints of a torchrun run into the same layout
+(`state.json` says `layout: "dcp"` and the world size), with the same manifest, pointer and pruning,
+so `load_latest` and `verify_checkpoint` serve both kinds; `load_checkpoint` refuses a sharded one.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,7 @@ from typing import Any
 import torch
 
 from engine.fsio import atomic_write_bytes, fsync_dir
+from engine.preflight import UsageError
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -134,14 +140,17 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     saved_at: float = 0.0
+    layout: str = "single"  # "single": this module's files; "dcp": engine.dist_checkpoint's shards
+    world: int = 1  # ranks that wrote it
+    rng_ranks: list[dict[str, Any]] = field(default_factory=list)  # "dcp": RNG states of each rank
 
 
 def _read_complete(path: Path) -> Checkpoint | None:
     """The checkpoint in `path` if it looks complete (state.json parses, its files present with their sizes)."""
-    return _read_state(path)[0]
+    return read_state(path)[0]
 
 
-def _read_state(path: Path) -> tuple[Checkpoint | None, str]:
+def read_state(path: Path) -> tuple[Checkpoint | None, str]:
     """(checkpoint, "") when state.json parses and the recorded files have their sizes, else (None, why)."""
     try:
         meta = json.loads((path / STATE_FILE).read_text())
@@ -163,6 +172,9 @@ def _read_state(path: Path) -> tuple[Checkpoint | None, str]:
             state=meta.get("state", {}),
             rng=meta.get("rng", {}),
             saved_at=meta["time"],
+            layout=meta.get("layout", "single"),
+            world=int(meta.get("world", 1)),
+            rng_ranks=meta.get("rng_ranks", []),
         ), ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{STATE_FILE} is not a checkpoint's ({type(e).__name__})"
@@ -201,9 +213,19 @@ def file_digests(paths: list[Path], block_bytes: int = BLOCK_BYTES) -> dict[str,
     return out
 
 
-def _write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, digests: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write `manifest.json` (fsynced) over every other file of `directory`; `digests`: already computed."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {"format": FORMAT, "algorithm": HASH, "block_bytes": BLOCK_BYTES, "files": file_digests(files)}
+    if digests is None:
+        digests = file_digests(files)
+    if sorted(digests) != [p.name for p in files]:
+        raise ValueError(f"digests of {sorted(digests)} given for the files {[p.name for p in files]}")
+    manifest = {
+        "format": FORMAT,
+        "algorithm": HASH,
+        "block_bytes": BLOCK_BYTES,
+        "files": {name: digests[name] for name in sorted(digests)},
+    }
     with open(directory / MANIFEST_FILE, "w") as f:
         f.write(json.dumps(manifest, indent=1))
         f.flush()
@@ -213,10 +235,13 @@ def _write_manifest(directory: Path) -> None:
 _VERIFIED: dict[tuple, str] = {}
 
 
-def verify_checkpoint(path: str | Path) -> str:
-    """ "" when every file of the checkpoint in `path` matches its manifest, else why not (one phrase)."""
+def verify_checkpoint(path: str | Path, names: Collection[str] | None = None) -> str:
+    """ "" when every file of the checkpoint in `path` matches its manifest, else why not (one phrase).
+
+    `names`: hash only these files of the manifest (the ranks of a sharded load split the work);
+    the sizes of all files are still checked."""
     path = Path(path)
-    ck, why = _read_state(path)
+    ck, why = read_state(path)
     if ck is None:
         return why
     try:
@@ -229,6 +254,8 @@ def verify_checkpoint(path: str | Path) -> str:
         return f"{MANIFEST_FILE} is damaged"
     try:
         files = manifest["files"]
+        if names is not None:
+            files = {n: files[n] for n in files if n in names}
         algorithm, block = manifest["algorithm"], int(manifest["block_bytes"])
         if algorithm not in hashlib.algorithms_available:
             return f"{MANIFEST_FILE} uses {algorithm}, which this Python cannot compute"
@@ -273,7 +300,7 @@ def _digests_with(path: Path, algorithm: str, block: int) -> dict[str, dict[str,
     return {path.name: {"size": size, algorithm: out}}
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """(step, path) of every `step_NNNNNN` directory, complete or not, oldest first."""
     if not root.is_dir():
         return []
@@ -287,7 +314,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     """Complete checkpoints of the run (by file sizes), oldest first; hidden leftovers are ignored."""
     found = []
-    for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS):
+    for _, p in step_dirs(Path(run_dir) / CHECKPOINTS):
         if (ck := _read_complete(p)) is not None:
             found.append(ck)
     return sorted(found, key=lambda c: c.step)
@@ -297,8 +324,8 @@ def load_latest(run_dir: str | Path, *, verify: bool = True, notes: list[str] | 
     """The newest checkpoint that verifies (with verify=False: that looks complete), or None.
 
     Each newer `step_*` directory passed over is reported in `notes` with the reason."""
-    for _, p in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)):
-        why = verify_checkpoint(p) if verify else _read_state(p)[1]
+    for _, p in reversed(step_dirs(Path(run_dir) / CHECKPOINTS)):
+        why = verify_checkpoint(p) if verify else read_state(p)[1]
         if not why:
             return _read_complete(p)
         if notes is not None:
@@ -344,14 +371,7 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (see module doc) and return its directory."""
     from safetensors.torch import save_file
 
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(run_dir)
-    name = step_dirname(step)
-    tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = make_temp_dir(run_dir, step, keep_last)
 
     tensors, aliases = _dedupe(model.state_dict())
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIAS_KEY: json.dumps(aliases)})
@@ -379,9 +399,28 @@ def save_checkpoint(
         f.write(json.dumps(meta, indent=1, allow_nan=False, default=str))
         f.flush()
         os.fsync(f.fileno())
-    _write_manifest(tmp)
+    write_manifest(tmp)
     fsync_dir(tmp)
+    return commit(tmp, step, keep_last)
 
+
+def make_temp_dir(run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """A new hidden `.tmp-step_...` directory to write checkpoint `step` into (leftovers removed first)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(run_dir)
+    tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, step: int, keep_last: int) -> Path:
+    """Rename the complete temp directory `tmp` to `step_NNNNNN` (the commit point), point `latest` at
+    it and prune; returns the checkpoint's directory."""
+    root = tmp.parent
+    name = step_dirname(step)
     final = root / name
     if final.exists():  # re-saving a step (a resumed run repeating it): move the old one aside first
         old = root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
@@ -399,10 +438,10 @@ def save_checkpoint(
 
 def _prune(root: Path, keep_last: int, final: Path) -> None:
     """Discard all but the newest `keep_last` complete checkpoints, and incomplete directories older than those."""
-    complete = [p for _, p in _step_dirs(root) if _read_complete(p) is not None]
+    complete = [p for _, p in step_dirs(root) if _read_complete(p) is not None]
     kept = complete[-keep_last:]
     oldest_kept = min((int(p.name[5:]) for p in kept), default=0)
-    for step, p in _step_dirs(root):
+    for step, p in step_dirs(root):
         if p != final and p not in kept and step < oldest_kept:
             _discard(p)
 
@@ -428,6 +467,11 @@ def load_checkpoint(
             raise FileNotFoundError(f"{path} is not a complete checkpoint (missing/partial {STATE_FILE} or files)")
         checkpoint = ck
     path = checkpoint.path
+    if checkpoint.layout != "single":
+        raise UsageError(
+            f"{path} is a sharded checkpoint written by {checkpoint.world} ranks; "
+            f"load it with engine.dist_checkpoint.load_sharded (any world size, one process included)"
+        )
     own = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     with safe_open(path / MODEL_FILE, framework="pt") as f:
