@@ -377,12 +377,11 @@ def main(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "dtype": cfg.model.dtype,
             "micro_batch_tokens": cfg.trainer.micro_batch_tokens,
-            "nproc_per_node": nproc,
-            "tp": args.tp,
         }
         summaries[engine] = s
         print(format_summary(engine, s), flush=True)
         if nproc > 1:
+            s["config"].update(nproc_per_node=nproc, tp=args.tp)
             print(format_ranks(s["ranks"]), flush=True)
         print()
     cond = report.conditions(device)

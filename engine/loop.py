@@ -276,7 +276,8 @@ class TrainLoop:
             r = self.ranks
             self.notes.append(
                 f"{r.dp.world} processes: FSDP2 trainer, {r.num_groups} rollout groups of tp {r.tp} ranks, "
-                f"{config.task.queries_per_step // r.num_groups} queries each; this is rank {r.dp.rank} (group {r.group})"
+                f"{config.task.queries_per_step // r.num_groups} queries each; this is rank {r.dp.rank} (group {r.group}); "
+                f"no checkpoints are written (sharded checkpoints are not in this build)"
             )
         self.planner_sampling = SamplingConfig(
             max_new_tokens=min(config.agent.planner_max_new_tokens, 8),

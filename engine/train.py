@@ -142,10 +142,19 @@ def main(args: argparse.Namespace) -> int:
             print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
             return _run(cfg, args, dp)
     finally:
-        import torch.distributed as dist
+        _leave_process_group()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def _leave_process_group() -> None:
+    """Destroy the process group, unless a vLLM engine joined it: vLLM's exit handler then destroys its own
+    subgroups and the group itself (destroying it first makes that handler fail)."""
+    import torch.distributed as dist
+
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is not None and getattr(state, "_WORLD", None) is not None:
+        return
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _launch(args: argparse.Namespace, nproc: int) -> int:
