@@ -140,3 +140,31 @@ def test_rank_metrics_are_combined_by_kind():
     # tp 2: the two ranks of one engine report the same rollout, counted once; trainer keys over both
     tp = combine_rows([a, {**a, "actor/num_seqs": 3.0}], tp=2)
     assert tp["rollout/num_trajectories"] == 4 and tp["actor/num_seqs"] == 8.0
+
+
+def test_the_relaunch_command_parses_back_into_the_same_options():
+    import argparse
+
+    from engine.ranks import option_argv, torchrun_command
+    from engine.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    given = [
+        "--preset",
+        "toy",
+        "--steps",
+        "3",
+        "--val-data",
+        "a.jsonl",
+        "b.jsonl",
+        "--val-before-train",
+        "--lr",
+        "0.01",
+    ]
+    args = p.parse_args([*given, "--nproc-per-node", "2", "--tp", "2"])
+    argv = option_argv(p, args, drop=("nproc_per_node",))
+    assert vars(p.parse_args(argv)) == {**vars(args), "nproc_per_node": None}
+    cmd = torchrun_command(2, ["train", *argv])
+    assert cmd[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "engine.cli"]
+    assert cmd[8:] == ["train", *argv]
