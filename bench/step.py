@@ -370,6 +370,7 @@ def main(args: argparse.Namespace) -> int:
         s = summarize(records, device)
         if nproc > 1:
             s["ranks"] = summarize_ranks(rank_lines)
+            s["memory_label"] = f"{s['memory_field']} at the phase end, mean over the {nproc} ranks"
         s["config"] = {
             "preset": preset_name,
             "queries": cfg.task.queries_per_step,
