@@ -17,6 +17,12 @@ only step, in which case the output says so. From the measured steps' metrics li
   ends: on CUDA the phase's own torch peak (`peak_allocated_gb`, reset when the phase starts), on
   CPU the process RSS (`rss_gb`; it includes everything the process ever touched and rarely falls).
 
+With `--nproc-per-node N` each engine's steps run as `flowgrpo train --nproc-per-node N` (torchrun,
+FSDP2, one rollout engine per rank or per `--tp` ranks; `engine.ranks`) in a subprocess; the
+phase table is that of the combined metrics line (means over ranks), followed by every rank's
+own breakdown (`ranks.jsonl`) and the rollout imbalance: the fastest and the slowest rank's `gen`
+time and their spread, (slowest − fastest) / slowest.
+
 On CPU the default preset is `tiny` (its tiny model is built once and shared by both engines);
 on CUDA `qwen2.5-1.5b` with random bf16 weights built on the device (embedded engine: vLLM loads
 from a directory). Prints a table per engine, the conditions, and a last-line JSON.
@@ -29,6 +35,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -109,6 +116,61 @@ def run_steps(cfg) -> list[dict[str, Any]]:
             shutdown()
         del loop
     return read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
+
+
+def run_steps_distributed(cfg, nproc: int, tp: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`cfg`'s steps under `flowgrpo train --nproc-per-node nproc --tp tp`; (metrics lines, ranks.jsonl lines)."""
+    from engine.metrics import read_metrics
+    from engine.ranks import RANK_TIMING_FILE
+
+    argv = ["--preset", cfg.preset, "--run-dir", cfg.run_dir, "--engine", cfg.rollout.engine, "--steps", str(cfg.steps)]
+    argv += ["--queries-per-step", str(cfg.task.queries_per_step), "--group-size", str(cfg.task.group_size)]
+    argv += ["--save-every", str(cfg.save_every), "--nproc-per-node", str(nproc), "--tp", str(tp)]
+    argv += ["--model", cfg.model.path] if cfg.model.path is not None else []
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    res = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "train", *argv], capture_output=True, text=True, env=env, check=False
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"flowgrpo train {' '.join(argv)} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    return read_metrics(Path(cfg.run_dir) / "metrics.jsonl"), read_metrics(Path(cfg.run_dir) / RANK_TIMING_FILE)
+
+
+def summarize_ranks(rank_lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per rank, the mean seconds of each phase over the measured steps; the fastest and slowest rank's gen."""
+    rows = rank_lines[1:] if len(rank_lines) > 1 else rank_lines
+    world = len(rows[0]["ranks"])
+    per_rank = []
+    for r in range(world):
+        phases = {}
+        for p in ("step", *PHASES):
+            vals = [line["ranks"][r].get(f"timing_s/{p}") or 0.0 for line in rows]
+            phases[p] = statistics.fmean(vals)
+        per_rank.append(phases)
+    gen = [p["gen"] for p in per_rank]
+    step = [p["step"] for p in per_rank]
+    return {
+        "world": world,
+        "per_rank_s": per_rank,
+        "gen_s_fastest": min(gen),
+        "gen_s_slowest": max(gen),
+        "gen_spread_pct": 100 * (max(gen) - min(gen)) / max(gen) if max(gen) > 0 else 0.0,
+        "step_s_fastest": min(step),
+        "step_s_slowest": max(step),
+    }
+
+
+def format_ranks(s: dict[str, Any]) -> str:
+    cols = ("step", "gen", "update_actor", "ref", "gap_probe", "update_weights")
+    lines = [f"{'rank':<6}" + "".join(f"{c:>15}" for c in cols)]
+    for r, phases in enumerate(s["per_rank_s"]):
+        lines.append(f"{r:<6}" + "".join(f"{phases[c]:>15.4f}" for c in cols))
+    lines.append(
+        f"rollout imbalance: gen fastest {s['gen_s_fastest']:.3f} s, slowest {s['gen_s_slowest']:.3f} s "
+        f"(spread {s['gen_spread_pct']:.1f}% of the slowest); step fastest {s['step_s_fastest']:.3f} s, "
+        f"slowest {s['step_s_slowest']:.3f} s"
+    )
+    return "\n".join(lines)
 
 
 def summarize(records: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -217,6 +279,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=3, help="steps per engine; the first is warm-up (default 3)")
     parser.add_argument("--group-size", type=int, default=None, help="trajectories per query G (default: the preset's)")
+    parser.add_argument(
+        "--nproc-per-node", type=int, default=None, help="run each engine's steps on N processes (torchrun, FSDP2)"
+    )
+    parser.add_argument(
+        "--tp", type=int, default=1, help="with --nproc-per-node: vLLM tensor-parallel size (default 1)"
+    )
 
 
 def resolve_engines(text: str | None, cfg) -> list[str]:
@@ -254,6 +322,18 @@ def main(args: argparse.Namespace) -> int:
             model=args.model,
         )
         engines = resolve_engines(args.engines, probe)
+        nproc = args.nproc_per_node or 1
+        if nproc > 1:
+            from dataclasses import replace
+
+            from engine.ranks import check_layout
+
+            for e in engines:
+                check_layout(
+                    replace(probe, rollout=replace(probe.rollout, engine=e, tensor_parallel_size=args.tp)), nproc
+                )
+        elif args.tp != 1:
+            raise ValueError("--tp needs --nproc-per-node (a tensor-parallel engine spans several processes)")
     except ValueError as e:
         error = error or str(e)
     if error:
@@ -262,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(
             f"# dry run: preset {preset_name}, engines {engines}, B={probe.task.queries_per_step} x "
-            f"G={probe.task.group_size}, {args.steps} steps, {probe.model.dtype}"
+            f"G={probe.task.group_size}, {args.steps} steps, {probe.model.dtype}, {nproc} process(es), tp {args.tp}"
         )
         if not args.run_dir:
             root.rmdir()  # the empty temporary directory made above
@@ -280,11 +360,17 @@ def main(args: argparse.Namespace) -> int:
             model=model,
         )
         try:
-            records = run_steps(cfg)
+            if nproc > 1:
+                records, rank_lines = run_steps_distributed(cfg, nproc, args.tp)
+            else:
+                records = run_steps(cfg)
         except (ValueError, RuntimeError, FileNotFoundError) as e:
             print(f"error: engine {engine}: {e}", file=sys.stderr)
             return 1
         s = summarize(records, device)
+        if nproc > 1:
+            s["ranks"] = summarize_ranks(rank_lines)
+            s["memory_label"] = f"{s['memory_field']} at the phase end, mean over the {nproc} ranks"
         s["config"] = {
             "preset": preset_name,
             "queries": cfg.task.queries_per_step,
@@ -295,11 +381,14 @@ def main(args: argparse.Namespace) -> int:
         }
         summaries[engine] = s
         print(format_summary(engine, s), flush=True)
+        if nproc > 1:
+            s["config"].update(nproc_per_node=nproc, tp=args.tp)
+            print(format_ranks(s["ranks"]), flush=True)
         print()
     cond = report.conditions(device)
     print(
         f"# preset {preset_name}, B={cfg.task.queries_per_step} x G={cfg.task.group_size}, {cfg.model.dtype}, "
-        f"{args.steps} steps per engine"
+        f"{args.steps} steps per engine, {nproc} process(es), tp {args.tp}"
     )
     print(report.conditions_line(cond))
     payload = {"bench": "step", "conditions": cond, "engines": summaries}

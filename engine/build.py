@@ -9,6 +9,7 @@
     build_engine     the engine itself: vLLM from the directory, or the embedded engine that samples
                      from a given model object (the trainer's, so no sync is needed) or loads one
     check_recipe_fits  refuse, with the numbers, a run whose training or rollout phase cannot fit the device
+    shard_planner    under torchrun: the planner (and its frozen reference) sharded with FSDP2
     build_helper     the frozen helper engine of every role but the planner (`HelperConfig`): the
                      policy engine itself, a second vLLM engine on a base checkpoint, the embedded
                      engine on the trainer's frozen reference model, or an OpenAI-compatible endpoint
@@ -179,9 +180,12 @@ def build_engine(
     model: Any = None,
     tokenizer: Any = None,
     device: torch.device | str | None = None,
+    external_tp: int | None = None,
 ) -> RolloutEngine:
     """The rollout engine of `kind` ("vllm" | "embedded"). The embedded engine samples from `model`
-    (sharing its storage) when given, else loads `model_dir` onto `device`."""
+    (sharing its storage) when given, else loads `model_dir` onto `device`. `external_tp`: under
+    torchrun, vLLM joins the process group the trainer made (`external_launcher`) with this
+    tensor-parallel size; every rank of a tensor-parallel group must build it (a collective)."""
     if kind == "embedded":
         from engine.rollout.embedded import EmbeddedEngine
 
@@ -198,9 +202,29 @@ def build_engine(
         kw["kv_cache_bytes"] = rollout.kv_cache_bytes
     if rollout.gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    if external_tp is not None:
+        kw.update(distributed_executor_backend="external_launcher", tensor_parallel_size=external_tp)
     return VLLMEngine.from_pretrained(
         model_dir, dtype=dtype, max_model_len=rollout.max_model_len or max_model_len, seed=seed, **kw
     )
+
+
+def shard_planner(model: torch.nn.Module, kl_coef: float, dp: Any) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """FSDP2 over the ranks of `dp` (`engine.parallelize`): (the sharded planner, its sharded frozen reference
+    copy of the current weights when kl_coef > 0, else None). Call it before any checkpoint is loaded."""
+    import copy
+
+    from engine.model import attach_packed_forward
+    from engine.parallelize import apply_fsdp, build_mesh
+
+    mesh = build_mesh(dp)
+    ref = None
+    if kl_coef > 0:
+        ref = copy.deepcopy(model).requires_grad_(False)
+        attach_packed_forward(ref)
+        apply_fsdp(ref, mesh)
+    attach_packed_forward(model)
+    return apply_fsdp(model, mesh), ref
 
 
 def build_helper(

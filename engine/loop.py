@@ -44,13 +44,26 @@ verifier, generator, base_generator tool and LLM judge run on weights no update 
 the planner's calls are trained (AgentFlow's setting). A helper that can sleep (a second vLLM
 engine) is woken at the start of `gen` and sleeps (level 1) at the start of `sleep` (spans).
 
-Simplifications: one device.
+Several processes (torchrun, `engine.ranks`): each rank shards the trainer with FSDP2 (`shard_planner`)
+and builds its own rollout engine (vLLM joining the trainer's process group, tensor-parallel over
+`tp` ranks, or the embedded engine on a private copy of the weights); it rolls out its rollout
+group's slice of the B queries, trains on its share of the group's planner turns and syncs
+`engine.parallelize.full_parameters` (one FSDP group gathered at a time) into its own engine. The
+step's metrics are combined over the ranks (`RankLayout.combine`); rank 0 alone prints, writes
+config.json, metrics.jsonl and `ranks.jsonl` (every rank's phase times per step), and builds the
+tiny model before the other ranks read it. With tp > 1 the rollout runs lock-step (the continuous
+scheduler's order depends on thread timing, and the ranks of one engine must make identical calls).
+Checkpoints are not written with several processes (sharded checkpoints are `engine.dist_checkpoint`'s).
+
+Simplifications: one device per process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -74,6 +87,7 @@ from engine.build import (
     check_recipe_fits,
     choose_engine,
     planner_dir,
+    shard_planner,
 )
 from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
 from engine.device_memory import DeviceMemoryManager, HostOffloader, PhaseMemory, nvml
@@ -83,13 +97,17 @@ from engine.logprob_gap import trainer_logprobs
 from engine.metrics import COLUMNS, ConsoleReporter, MetricsWriter, StepRecord, peak_flops, read_metrics, step_trace
 from engine.model import num_parameters
 from engine.packing import TrainSequence
+from engine.parallelize import SINGLE, DataParallel, full_parameters
 from engine.presets import RunConfig
+from engine.ranks import RANK_TIMING_FILE, RankLayout, single_process_metrics
 from engine.rollout.protocol import SamplingConfig
 from engine.timer import PhaseTimer
 from engine.trainer import Trainer
 
 BEST = "best"  # run_dir/best/checkpoints/step_N: the weights with the best validation accuracy so far
 VALIDATION_FILE = "validation.jsonl"  # one line per validation (including the one before training)
+# per rank in ranks.jsonl (several processes): phase times, the rank's own gaps, the sum of the weights it synced
+RANK_KEYS = ("timing_s/", "sync/gap_", "training/rollout_logprob_diff_", "sync/weights_sum", "rollout/num_")
 
 
 def _val_line(m: dict[str, Any]) -> str:
@@ -108,17 +126,35 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d.mean().item(), d.max().item()
 
 
+class _Discard:
+    """The metrics writer of every rank but 0: nothing is written."""
+
+    path = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, **metrics}
+
+    def close(self) -> None:
+        pass
+
+
 class TrainLoop:
     """One training run of `config` (see the module doc); `run()` executes the remaining steps."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, out: TextIO | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, *, resume: bool = False, out: TextIO | None = None, dp: DataParallel = SINGLE
+    ) -> None:
+        self.ranks = RankLayout(dp, config.rollout.tensor_parallel_size)
         self.out = out or sys.stdout
+        if not self.ranks.is_main:
+            self.out = open(os.devnull, "w")  # noqa: SIM115 (for the life of the loop)
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.notes: list[str] = []
         self.t_start = time.perf_counter()
         mc = config.model
-        self.device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = f"cuda:{dp.local_rank}" if dp.enabled else "cuda"
+        self.device = torch.device(mc.device or (cuda if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
         # data files are read (and a bad one refused) before any model is built
         self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
@@ -129,22 +165,26 @@ class TrainLoop:
             self.notes.append(f"search corpus {config.agent.search_corpus}: {index.num_passages} passages, index {how}")
 
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
-        self.model_dir = planner_dir(mc, self.run_dir, self.notes)
-        if config.preset == "agentflow":
-            check_recipe_fits(config, self.model_dir, self.device)
-        self.engine_name, why = choose_engine(config.rollout.engine, self.model_dir)
-        self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
+        with self._main_rank_first():  # rank 0 builds the tiny model / tokenizer files the others then read
+            self.model_dir = planner_dir(mc, self.run_dir, self.notes)
+            if config.preset == "agentflow":
+                check_recipe_fits(config, self.model_dir, self.device)
+            self.engine_name, why = choose_engine(config.rollout.engine, self.model_dir)
+            self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
         self.model = build_planner(mc, self.model_dir, self.tokenizer, self.device, config.seed, self.notes)
+        self.num_params = num_parameters(self.model)
         self.notes.append(f"engine {self.engine_name}: {why}")
+        distributed = self.ranks.distributed
         self.engine = build_engine(
             self.engine_name,
             config.rollout,
             model_dir=self.model_dir,
             dtype=mc.dtype,
-            seed=config.seed,
+            seed=config.seed + self.ranks.group,
             max_model_len=config.agent.context_budget,
-            model=self.model,
+            model=copy.deepcopy(self.model) if distributed else self.model,  # FSDP shards the trainer's
             tokenizer=self.tokenizer,
+            external_tp=self.ranks.tp if distributed else None,
         )
         self.config = self._resolve(config)
         self.trainer, self.memory = self._build_trainer()
@@ -162,13 +202,49 @@ class TrainLoop:
         )
         self.helper_sleeps = config.helper.kind == "vllm"  # a second engine with its own device memory
         self.start_step, self.writer = self._restore(resume)
-        self.val_writer = MetricsWriter(self.run_dir, resume_step=self.start_step - 1, filename=VALIDATION_FILE)
+        main = self.ranks.is_main
+        self.val_writer = (
+            MetricsWriter(self.run_dir, resume_step=self.start_step - 1, filename=VALIDATION_FILE)
+            if main
+            else _Discard()
+        )
+        self.rank_writer = (
+            MetricsWriter(self.run_dir, resume_step=self.start_step - 1, filename=RANK_TIMING_FILE)
+            if main and distributed
+            else _Discard()
+        )
         best = load_latest(self.run_dir / BEST) if resume else None
         self.best_val = best.state.get("val/accuracy") if best is not None else None
-        atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
+        if main:
+            atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
+        self.weights_sum: float | None = None  # of the last sync's weights (several processes)
         self.rollout_queue: list | None = None  # the last rollout's queue-depth samples (for the Chrome trace)
 
     # ---- building ----
+
+    @contextlib.contextmanager
+    def _main_rank_first(self):
+        """The block runs on rank 0 first, then on the other ranks (one barrier on each rank)."""
+        if not self.ranks.is_main:
+            self.ranks.barrier()
+        yield
+        if self.ranks.is_main:
+            self.ranks.barrier()
+
+    def _weights(self):
+        """The trainer's HF-named weights for the sync: whole, or gathered one FSDP group at a time."""
+        return self._gathered() if self.ranks.distributed else self.model.named_parameters()
+
+    def _gathered(self):
+        """Full tensors from the FSDP shards, copied (a group's gathered storage is freed when it reshards, and
+        vLLM's sync holds every tensor until it packs them); their float64 sum goes to `ranks.jsonl`."""
+        self.weights_sum = None
+        total = 0.0
+        for name, t in full_parameters(self.model):
+            t = t.clone()
+            total += float(t.double().sum())
+            yield name, t
+        self.weights_sum = total
 
     def _resolve(self, config: RunConfig) -> RunConfig:
         """The trainer settings that depend on the built parts: the action set and the loss implementation."""
@@ -191,6 +267,18 @@ class TrainLoop:
             )
         else:
             self.notes.append(f"loss {trainer_cfg.loss_impl}")
+        if self.ranks.tp > 1 and config.agent.schedule != "lockstep":
+            config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, schedule="lockstep"))
+            self.notes.append(
+                f"rollout schedule lockstep: the {self.ranks.tp} ranks of a tensor-parallel engine must make identical calls"
+            )
+        if self.ranks.distributed:
+            r = self.ranks
+            self.notes.append(
+                f"{r.dp.world} processes: FSDP2 trainer, {r.num_groups} rollout groups of tp {r.tp} ranks, "
+                f"{config.task.queries_per_step // r.num_groups} queries each; this is rank {r.dp.rank} (group {r.group}); "
+                f"no checkpoints are written (sharded checkpoints are not in this build)"
+            )
         self.planner_sampling = SamplingConfig(
             max_new_tokens=min(config.agent.planner_max_new_tokens, 8),
             temperature=config.agent.temperature,
@@ -201,7 +289,11 @@ class TrainLoop:
 
     def _build_trainer(self) -> tuple[Trainer, DeviceMemoryManager]:
         """The trainer (reference copy taken here, from the base weights) and the memory hand-over."""
-        trainer = Trainer(self.model, self.config.trainer)
+        if self.ranks.distributed:
+            self.model, ref = shard_planner(self.model, self.config.trainer.kl_coef, self.ranks.dp)
+            trainer = Trainer(self.model, self.config.trainer, ref_model=ref, dp=self.ranks.dp)
+        else:
+            trainer = Trainer(self.model, self.config.trainer)
         rc = self.config.rollout
         offload = rc.offload_optimizer if rc.offload_optimizer is not None else self.device.type == "cuda"
         offloader = HostOffloader(trainer.optimizer, grads="release", device=self.device) if offload else None
@@ -212,11 +304,19 @@ class TrainLoop:
 
     def _restore(self, resume: bool) -> tuple[int, MetricsWriter]:
         """Load the newest complete checkpoint (resume) or clear an earlier run; the first step and the writer."""
+        if resume and self.ranks.distributed:
+            raise ValueError(
+                "resume with several processes needs sharded checkpoints, which this build does not write; "
+                "resume single-process runs only"
+            )
         ck = load_latest(self.run_dir, notes=self.notes) if resume else None
         if resume and ck is None:
             self.notes.append(f"--resume: no complete checkpoint in {self.run_dir}, starting at step 1")
-        if not resume:
+        if not resume and self.ranks.is_main:
             self._clear_previous_run()
+        if self.ranks.distributed:
+            self.ranks.barrier()  # the earlier run's files are gone before any rank writes
+            return 1, MetricsWriter(self.run_dir) if self.ranks.is_main else _Discard()
         if ck is None:
             return 1, MetricsWriter(self.run_dir)
         load_checkpoint(ck, self.model, self.trainer.optimizer)
@@ -266,7 +366,7 @@ class TrainLoop:
         return [
             f"flowgrpo train · preset {self.config.preset} · run dir {self.run_dir} · "
             f"steps {self.start_step}..{self.config.steps}",
-            f"  model   {mc.arch} ({num_parameters(self.model) / 1e6:.2f}M params, {mc.dtype}) on {self.device}"
+            f"  model   {mc.arch} ({self.num_params / 1e6:.2f}M params, {mc.dtype}) on {self.device}"
             + (f" from {self.model_dir}" if self.model_dir else ""),
             f"  task    {tc.data or tc.name}: {tc.queries_per_step} queries x G={tc.group_size} per step",
             "  memory  nvml " + ("ok" if nv.reason is None else f"unavailable ({nv.reason})"),
@@ -288,17 +388,19 @@ class TrainLoop:
         last = None
         try:
             # the engine starts from the checkpoint's (or the base) weights: sync them once before step 1
-            self.memory.to_rollout(weights=self.model.named_parameters)
+            self.memory.to_rollout(weights=self._weights)
             if cfg.task.val_before_train:
                 before = self._validate(self.start_step - 1)
                 print(f"validation before step {self.start_step}: {_val_line(before)}", file=self.out, flush=True)
             for step in range(self.start_step, cfg.steps + 1):
-                with step_trace(self.run_dir, step, cfg.trace_step, queue=lambda: self.rollout_queue):
+                trace = cfg.trace_step if self.ranks.is_main else None
+                with step_trace(self.run_dir, step, trace, queue=lambda: self.rollout_queue):
                     last = self.step(step)
         finally:
             self.reporter.close()
             self.writer.close()
             self.val_writer.close()
+            self.rank_writer.close()
         print(
             f"done: {cfg.steps} steps in {time.perf_counter() - self.t_start:.1f}s; metrics in {self.writer.path}",
             file=self.out,
@@ -314,7 +416,7 @@ class TrainLoop:
         gaps: dict[str, float | None] = {}
         self.memory.history.clear()
         with timer.phase("step"):
-            queries = self.queries(step)
+            queries = self.ranks.queries(self.queries(step))
             stats_before = self.engine.stats()
             with timer.phase("gen"), self.memory.phase("rollout"):
                 if self.helper_sleeps:
@@ -338,13 +440,13 @@ class TrainLoop:
                         self.helper.sleep(1)
                 to_train = self.memory.to_train(timer)
             with self.memory.phase("train"):
-                train = self.trainer.update(seqs, timer=timer)
+                train = self.trainer.update(self.ranks.train_share(seqs), timer=timer)
             probe = cfg.gap_probe_seqs > 0 and (step == 1 or step % cfg.gap_probe_every == 0)
             gaps["sync/gap_probed"] = float(probe)
             with timer.phase("gap_probe") if probe else contextlib.nullcontext():
                 gaps.update(self._stale_gap(seqs) if probe else {})
             with timer.phase("wake"):
-                to_rollout = self.memory.to_rollout(weights=self.model.named_parameters, timer=timer)
+                to_rollout = self.memory.to_rollout(weights=self._weights, timer=timer)
             with timer.phase("gap_probe") if probe else contextlib.nullcontext():
                 gaps.update(self._after_sync_gap(seqs, step) if probe else {})
             validation: dict[str, Any] = {}
@@ -374,13 +476,21 @@ class TrainLoop:
                     validation=validation,
                 ).to_metrics()
 
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if (step % cfg.save_every == 0 or step == cfg.steps) and not self.ranks.distributed:
                 with timer.phase("save_checkpoint"):
                     state = {"preset": cfg.preset, "engine": self.engine_name, "metrics": record()}
                     save_checkpoint(
                         self.run_dir, step, self.model, self.trainer.optimizer, state, keep_last=cfg.keep_last
                     )
-        metrics = self.writer.write(step, record())
+        metrics = record()
+        if self.ranks.distributed:
+            metrics["sync/weights_sum"] = self.weights_sum
+            metrics, rows = self.ranks.combine(metrics)
+            metrics.pop("sync/weights_sum")
+            self.rank_writer.write(step, {"ranks": [{k: r[k] for k in r if k.startswith(RANK_KEYS)} for r in rows]})
+        else:
+            metrics.update(single_process_metrics(metrics))
+        metrics = self.writer.write(step, metrics)
         self.reporter.step_done(step, metrics)
         return metrics
 
@@ -424,25 +534,31 @@ class TrainLoop:
         out["val/accuracy"] = sum(r.correct for r in rows) / len(self.val_queries)
         out["val/num_queries"] = len(self.val_queries)
         self.val_writer.write(step, out)
-        if step >= 1 and (self.best_val is None or out["val/accuracy"] > self.best_val):
+        if step >= 1 and not self.ranks.distributed and (self.best_val is None or out["val/accuracy"] > self.best_val):
             self.best_val = out["val/accuracy"]
             state = {"val/accuracy": self.best_val, "preset": self.config.preset, "validation": out}
             save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1)
         return out
 
+    def _probe_count(self, seqs: list[TrainSequence]) -> int:
+        """Sequences a gap probe takes: gap_probe_seqs, or fewer when a rank has fewer (forwards are collective)."""
+        k = min(self.config.gap_probe_seqs, len(seqs))
+        return self.ranks.all_min(k) if self.ranks.distributed else self.config.gap_probe_seqs
+
     def _stale_gap(self, seqs: list[TrainSequence]) -> dict[str, float | None]:
         """The engine's log-probs (pre-update weights) vs the updated policy, on the same tokens."""
-        k = self.config.gap_probe_seqs
+        k = self._probe_count(seqs)
         if k == 0:
             return {"sync/gap_stale_mean": None, "sync/gap_stale_max": None}
-        mbs = self.trainer.prepare(seqs[:k]).micro_batches
-        new = torch.cat(self.trainer.compute_logprobs(mbs))
+        batch = self.trainer.prepare(seqs[:k])
+        mbs = batch.micro_batches
+        new = torch.cat(self.trainer.compute_logprobs(mbs, pad=sum(batch.pads)))
         mean, mx = _gap(torch.cat([mb.rollout_logprobs for mb in mbs]), new)
         return {"sync/gap_stale_mean": mean, "sync/gap_stale_max": mx}
 
     def _after_sync_gap(self, seqs: list[TrainSequence], step: int) -> dict[str, float | None]:
         """Fresh samples from the just-synced engine vs the trainer's log-probs of them."""
-        k = self.config.gap_probe_seqs
+        k = self._probe_count(seqs)
         if k == 0:
             return {"sync/gap_after_mean": None, "sync/gap_after_max": None}
         sampling = dataclasses.replace(self.planner_sampling, seed=self.config.seed * 7_919 + step)

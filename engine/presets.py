@@ -67,10 +67,13 @@ class RolloutConfig:
     max_model_len: int | None = None  # vLLM; None: the agent's context budget
     sleep_level: int = 2  # what the engine releases for training (1: KV cache, 2: also weights)
     offload_optimizer: bool | None = None  # optimizer state to pinned host memory during rollout; None: on CUDA
+    tensor_parallel_size: int = 1  # under torchrun: ranks sharing one vLLM engine (engine.ranks); must divide world
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"rollout engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size (--tp) must be >= 1, got {self.tensor_parallel_size}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
 
@@ -410,6 +413,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "model": ("model", "path"),
     "device": ("model", "device"),
     "engine": ("rollout", "engine"),
+    "tp": ("rollout", "tensor_parallel_size"),
     "group_size": ("task", "group_size"),
     "queries_per_step": ("task", "queries_per_step"),
     "data": ("task", "data"),

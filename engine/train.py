@@ -6,6 +6,14 @@
     flowgrpo train --preset toy --restart           # start over, moving the earlier runs/toy aside
     flowgrpo train --preset qwen2.5-1.5b --model DIR --engine vllm
     flowgrpo train --preset qwen2.5-7b              # random weights on the GPU, embedded engine (perf work)
+    flowgrpo train --nproc-per-node 2 --tp 1        # two processes: FSDP2 trainer, one vLLM engine per rank
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m engine.cli train --preset ...   # an external launcher
+
+Several processes (`engine.ranks`): `--nproc-per-node N` re-runs this command under
+`python -m torch.distributed.run --standalone --nproc-per-node N` (one node) and returns its exit
+status; started by an external torchrun (WORLD_SIZE set) the command joins that job instead. Every
+rank joins the process group before its vLLM engine is built (vLLM's `external_launcher` uses it);
+rank 0 takes the run-directory lock and decides resume / restart, the others wait for it.
 
 A preset (`engine.presets`) is the whole resolved configuration; the options below override parts
 of it. The run directory gets `config.json` (the resolved configuration), `metrics.jsonl` (one
@@ -17,8 +25,11 @@ checks every input (`engine.preflight`), locks the run directory and decides res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from agentflow.agents import PLANNER_FORMATS
 from engine.advantage import GROUPINGS
@@ -70,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", help="JSONL or parquet of id, title, text for the search tool (default: shipped)")
     p.add_argument("--corpus-index", help="directory of the corpus's persistent index (default <corpus>.bm25s)")
     p.add_argument("--search-top-k", type=int, help="passages per search call")
+    p.add_argument(
+        "--nproc-per-node", type=int, help="launch this many processes on this node (torchrun; FSDP2 trainer)"
+    )
+    p.add_argument("--tp", type=int, help="tensor-parallel size of each rank group's vLLM engine (default 1)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -79,7 +94,7 @@ def config_from_args(args: argparse.Namespace):
     names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")
     names += ("advantage", "mini_batches", "weight_decay", "planner_max_new_tokens", "context_budget")
     names += ("question_key", "answer_key", "id_key", "source_key", "answer_sep", "val_every", "val_before_train")
-    names += ("corpus", "corpus_index", "search_top_k")
+    names += ("corpus", "corpus_index", "search_top_k", "tp")
     cfg = preset(args.preset, **({"run_dir": args.run_dir} if args.run_dir else {}))
     val = tuple(args.val_data) if args.val_data else None
     return with_overrides(cfg, val_data=val, **{n: getattr(args, n) for n in names})
@@ -90,6 +105,8 @@ def main(args: argparse.Namespace) -> int:
     # warning at every sync of a tied LM head (the engine re-packs that head itself, engine.rollout.vllm_engine)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.preflight import UsageError, check_run
+    from engine.ranks import check_layout
     from engine.run_dir import prepared_run
 
     try:
@@ -97,12 +114,69 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"flowgrpo train: error: {e}", file=sys.stderr)
         return 2
-    with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:
-        print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
-        return _run(cfg, args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    nproc = args.nproc_per_node
+    if nproc is not None and (nproc < 1 or world > 1):
+        raise UsageError(
+            f"--nproc-per-node {nproc}: pass a count >= 1, and leave it out under an external torchrun (WORLD_SIZE {world})"
+        )
+    launch = nproc is not None and nproc > 1
+    check_layout(cfg, nproc if launch else world, resume=args.resume)
+    if launch:
+        check_run(cfg)
+        return _launch(args, nproc)
+    if world == 1:
+        with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:
+            print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
+            return _run(cfg, args)
+    from engine.parallelize import init_from_env
+
+    dp = init_from_env()  # before any vLLM engine is built: it joins this process group
+    try:
+        if dp.rank == 0:
+            ctx = prepared_run(cfg, resume=args.resume, restart=args.restart)
+        else:
+            check_run(cfg)
+            ctx = contextlib.nullcontext([])
+        with ctx as notes:
+            print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
+            return _run(cfg, args, dp)
+    finally:
+        _leave_process_group()
 
 
-def _run(cfg, args: argparse.Namespace) -> int:
+def _leave_process_group() -> None:
+    """Destroy the process group, unless a vLLM engine joined it: vLLM's exit handler then destroys its own
+    subgroups and the group itself (destroying it first makes that handler fail)."""
+    import torch.distributed as dist
+
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is not None and getattr(state, "_WORLD", None) is not None:
+        return
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _launch(args: argparse.Namespace, nproc: int) -> int:
+    """Run this command again under torchrun with `nproc` processes; its exit status."""
+    import engine
+    from engine.ranks import option_argv, torchrun_command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cmd = torchrun_command(nproc, ["train", *option_argv(parser, args, drop=("nproc_per_node",))])
+    root = str(Path(engine.__file__).resolve().parents[1])  # the children import this very tree
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    print(f"note: launching {nproc} processes: {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        return 130
+
+
+def _run(cfg, args: argparse.Namespace, dp=None) -> int:
     import transformers
 
     from engine.loop import TrainLoop
@@ -110,7 +184,7 @@ def _run(cfg, args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     try:
-        loop = TrainLoop(cfg, resume=args.resume)
+        loop = TrainLoop(cfg, resume=args.resume, **({"dp": dp} if dp is not None else {}))
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"flowgrpo train: error: {e}", file=sys.stderr)
         return 2

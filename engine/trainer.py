@@ -38,6 +38,12 @@ the targets to their row in that slice; the loss then never sees the other rows,
 flow into the allowed rows of the (possibly tied) weight only. Entropy is that of the restricted
 distribution. A response token outside the set is an error (the sampling and the trainer disagree).
 
+Several ranks (`dp`, FSDP2): every forward is a collective (each layer's parameters are gathered),
+so every rank must run as many as the others. Ranks pack different turns into different numbers of
+micro-batches; `prepare` takes the largest count per mini-batch over the ranks and the others run
+the difference as padding passes on their first micro-batch, whose output is
+0 · (Σ hidden + Σ LM-head weight): every parameter takes part, every gradient it adds is exactly zero.
+
 Loss implementations: "fused" calls `kernels.linear_flow_grpo_loss` / `kernels.linear_token_logprobs`
 (never materialise [N, V]); "reference" calls the plain-torch definitions in `kernels.reference`.
 Both take the loss hyperparameters as one `kernels.LossConfig` (`TrainerConfig.loss`).
@@ -160,11 +166,16 @@ class TrainBatch:
     advantages: list[list[torch.Tensor]] | None = None  # after the optional TIS weighting
     tis_weights: list[torch.Tensor] = field(default_factory=list)
     on_policy_old: list[tuple[MicroBatch, torch.Tensor]] = field(default_factory=list)  # no separate old pass
+    pad: list[int] = field(default_factory=list)  # per mini-batch: discarded passes that even out FSDP's collectives
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def micro_batches(self) -> list[MicroBatch]:
         return [mb for mini in self.mini_batches for mb in mini]
+
+    @property
+    def pads(self) -> list[int]:
+        return self.pad or [0] * len(self.mini_batches)
 
 
 def _item(norm: torch.Tensor) -> float:
@@ -265,7 +276,31 @@ class Trainer:
                     for mb in mbs
                 ]
             )
-        return TrainBatch(sequences=sequences, mini_batches=minis)
+        return TrainBatch(sequences=sequences, mini_batches=minis, pad=self._padding(minis))
+
+    def _padding(self, minis: list[list[MicroBatch]]) -> list[int]:
+        """Extra passes per mini-batch so every rank runs as many FSDP forwards (collectives) as the busiest."""
+        if not self.dp.enabled:
+            return [0] * len(minis)
+        most = int(self.dp.all_max(len(minis)))
+        if most != len(minis):
+            raise RuntimeError(
+                f"rank {self.dp.rank} has {len(minis)} mini-batches, another rank {most}: every rank needs at least "
+                f"mini_batches={self.config.mini_batches} planner turns; lower --mini-batches or raise B x G"
+            )
+        return [int(self.dp.all_max(len(m))) - len(m) for m in minis]
+
+    def _padding_pass(self, mb: MicroBatch, model: torch.nn.Module, backward: bool) -> None:
+        """One forward (and backward) through every parameter that contributes exactly zero (module doc)."""
+
+        def head(h, w, b):
+            h, w, b = self._head(h, w, b)
+            return (h.sum() + w.sum() + (0.0 if b is None else b.sum())) * 0.0
+
+        with torch.no_grad() if not backward else contextlib.nullcontext(), self._autocast():
+            out = model.packed_forward(mb, head)
+        if backward:
+            out.backward()
 
     def _autocast(self):
         if self.compute_dtype is None:
@@ -288,9 +323,10 @@ class Trainer:
 
     @torch.no_grad()
     def compute_logprobs(
-        self, micro_batches: Sequence[MicroBatch], model: torch.nn.Module | None = None
+        self, micro_batches: Sequence[MicroBatch], model: torch.nn.Module | None = None, pad: int = 0
     ) -> list[torch.Tensor]:
-        """float32 log-probs [R] of each micro-batch's response tokens under `model` (default: the policy)."""
+        """float32 log-probs [R] of each micro-batch's response tokens under `model` (default: the policy);
+        `pad` discarded passes after them (`TrainBatch.pad`)."""
         model = self.model if model is None else model
         out = []
         with self._autocast():
@@ -301,6 +337,8 @@ class Trainer:
                     return self.logprob_fn(h, w, self._targets(mb), bias=b, temperature=self.loss_config.temperature)
 
                 out.append(model.packed_forward(mb, head).float())
+        for _ in range(pad):
+            self._padding_pass(micro_batches[0], model, backward=False)
         return out
 
     def recompute_old(self, batch: TrainBatch) -> bool:
@@ -323,7 +361,7 @@ class Trainer:
 
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
         """Old-policy log-probs (trainer recompute), the rollout/trainer gap, and the TIS-weighted advantages."""
-        batch.old_logprobs = [self.compute_logprobs(mini) for mini in batch.mini_batches]
+        batch.old_logprobs = [self.compute_logprobs(mini, pad=p) for mini, p in zip(batch.mini_batches, batch.pads)]
         batch.advantages = [
             [self._weighted_advantages(batch, mb, old) for mb, old in zip(mini, olds)]
             for mini, olds in zip(batch.mini_batches, batch.old_logprobs)
@@ -356,7 +394,9 @@ class Trainer:
         if self.ref_model is None:
             batch.ref_logprobs = None
             return
-        batch.ref_logprobs = [self.compute_logprobs(mini, self.ref_model) for mini in batch.mini_batches]
+        batch.ref_logprobs = [
+            self.compute_logprobs(mini, self.ref_model, pad=p) for mini, p in zip(batch.mini_batches, batch.pads)
+        ]
 
     def accumulate_gradients(self, batch: TrainBatch, mini: int = 0) -> dict[str, float]:
         """Forward + backward over every micro-batch of mini-batch `mini`, adding into `.grad`.
@@ -408,6 +448,8 @@ class Trainer:
             for key in ("pg_loss", "clipfrac", "clipfrac_lower", "kl", "entropy", "ratio_mean"):
                 acc[key] = acc.get(key, 0.0) + metrics[key] * n
             acc["ratio_max"] = max(acc["ratio_max"], metrics["ratio_max"])
+        for _ in range(batch.pads[mini]):
+            self._padding_pass(mbs[0], self.model, backward=True)
         return acc
 
     def train(self, batch: TrainBatch) -> dict[str, float]:

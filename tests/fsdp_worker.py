@@ -1,6 +1,6 @@
 """A fixed Flow-GRPO update run, launched by tests/test_fsdp.py: alone, or under torchrun with FSDP2.
 
-    python tests/fsdp_worker.py MODEL_DIR OUT.pt [--steps 4] [--kl-coef 0.0]
+    python tests/fsdp_worker.py MODEL_DIR OUT.pt [--steps 4] [--kl-coef 0.0] [--rank0-turns K]
     torchrun --nproc-per-node 2 tests/fsdp_worker.py MODEL_DIR OUT.pt
 
 The same 8 planner turns (fixed token ids, rollout log-probs and advantages) every step; under
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--kl-coef", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--rank0-turns", type=int, default=None, help="rank 0 trains on the first K turns, rank 1 the rest")
     args = p.parse_args()
     dp = init_from_env()
     torch.manual_seed(0)
@@ -61,13 +62,23 @@ def main() -> None:
         loss_impl="fused",
     )
     trainer = Trainer(model, config, ref_model=ref, dp=dp)
-    mine = sequences(model.config.vocab_size)[dp.rank :: dp.world]
+    turns = sequences(model.config.vocab_size)
+    if args.rank0_turns is not None and dp.enabled:
+        mine = turns[: args.rank0_turns] if dp.rank == 0 else turns[args.rank0_turns :]
+    else:
+        mine = turns[dp.rank :: dp.world]
     metrics = [trainer.update(mine) for _ in range(args.steps)]
+    micro = [m["actor/num_micro_batches"] for m in metrics]
+    if dp.enabled:
+        everyone = [None] * dp.world
+        torch.distributed.all_gather_object(everyone, micro)
+        micro = everyone
     losses = [m["actor/loss"] for m in metrics]
     norms = [m["actor/grad_norm"] for m in metrics]
     params = {n: t.clone() for n, t in full_parameters(model)}
     if dp.rank == 0:
-        torch.save({"losses": losses, "grad_norms": norms, "params": params, "world": dp.world}, args.out)
+        out = {"losses": losses, "grad_norms": norms, "params": params, "world": dp.world, "micro_batches": micro}
+        torch.save(out, args.out)
     if dp.enabled:
         torch.distributed.destroy_process_group()
 

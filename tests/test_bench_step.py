@@ -71,6 +71,23 @@ def test_bench_step_on_both_engines_prints_phases_and_saves(tmp_path):
         assert result["engines"]["vllm"]["phases"]["update_weights"]["mean_s"] > 0
 
 
+def test_bench_step_on_two_processes_shows_every_rank_and_the_spread(tmp_path):
+    r = _run(
+        *("--engines", "embedded", "--steps", "2", "--queries", "2", "--group-size", "2"),
+        *("--nproc-per-node", "2", "--run-dir", str(tmp_path / "runs")),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])["engines"]["embedded"]
+    assert s["config"]["nproc_per_node"] == 2 and s["config"]["tp"] == 1 and s["steps_measured"] == [2]
+    ranks = s["ranks"]
+    assert ranks["world"] == 2 and len(ranks["per_rank_s"]) == 2
+    assert all(p["gen"] > 0 and p["update_actor"] > 0 for p in ranks["per_rank_s"])
+    assert ranks["gen_s_fastest"] == min(p["gen"] for p in ranks["per_rank_s"])
+    assert ranks["gen_s_slowest"] == max(p["gen"] for p in ranks["per_rank_s"])
+    assert 0 <= ranks["gen_spread_pct"] < 100
+    assert "rollout imbalance: gen fastest" in r.stdout and s["trajectories"] == 4  # 2 queries x G=2, both ranks
+
+
 def test_one_step_is_labelled_as_including_warmup(tmp_path):
     r = _run("--engines", "embedded", "--steps", "1", "--queries", "1", "--group-size", "2", "--run-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,6 +130,8 @@ def test_bad_arguments_are_refused_with_exit_2(tmp_path):
         ["--queries", "0"],
         ["--group-size", "1"],  # GRPO needs a group
         ["--preset", "nope"],
+        ["--tp", "2"],  # a tensor-parallel engine needs several processes
+        ["--nproc-per-node", "2", "--queries", "3"],  # B splits evenly over the rollout groups
     ):
         r = _run(*args, "--run-dir", str(tmp_path))
         assert r.returncode == 2 and "error" in r.stderr, (args, r.stderr)

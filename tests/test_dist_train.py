@@ -1,0 +1,170 @@
+"""`flowgrpo train --nproc-per-node 2`: the whole loop on two real processes (torchrun, gloo, CPU).
+
+Each run is a real `python -m engine.cli train` that re-launches itself under torchrun: FSDP2
+trainer over both ranks, a vLLM-CPU engine per rank (tp 1) or one engine tensor-parallel over both
+(tp 2, `external_launcher`), two steps of the toy preset with a learning rate that moves the policy.
+The checks: the post-sync gap on every rank (the update moved the policy, the synced engines match
+it), both ranks streamed identical weights into their engines, and rank 0 alone wrote metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.metrics import is_declared, read_metrics
+from engine.presets import TOY_TOOLS
+from engine.ranks import RANK_TIMING_FILE, combine_rows
+from engine.tiny import TinyConfig, make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_model_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("toy") / "model"
+    make_tiny(out, TinyConfig(extra_tokens=TOY_TOOLS))
+    return str(out)
+
+
+def _train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "ERROR"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _whole_loop(run: Path, model_dir: str, engine: str, tp: int) -> tuple[list[dict], list[dict], str]:
+    res = _train(
+        *("--preset", "toy", "--model", model_dir, "--engine", engine, "--run-dir", str(run)),
+        *("--steps", "2", "--queries-per-step", "2", "--group-size", "4", "--lr", "1e-2", "--seed", "1"),
+        *("--nproc-per-node", "2", "--tp", str(tp)),
+    )
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return read_metrics(run / "metrics.jsonl"), read_metrics(run / RANK_TIMING_FILE), res.stdout
+
+
+def _check(rows: list[dict], ranks: list[dict], stdout: str, tp: int) -> None:
+    assert [r["step"] for r in rows] == [1, 2], "rank 0 alone writes one line per step"
+    assert stdout.count("done: 2 steps") == 1 and stdout.count("flowgrpo train · preset toy") == 1
+    for r in rows:
+        assert not [k for k in r if not is_declared(k)]
+        assert r["dist/world_size"] == 2 and r["dist/tp_size"] == tp
+        assert r["dist/gen_s_min"] <= r["dist/gen_s_max"] and r["dist/step_s_min"] <= r["dist/step_s_max"]
+        # the step's B = 2 queries: one per rank with tp 1, both on the shared engine with tp 2
+        assert r["rollout/num_queries"] == 2 and r["rollout/num_trajectories"] == 8 and r["adv/num_groups"] == 2
+        # every rollout ran on synced weights on every rank (max over ranks): engine and trainer agree
+        assert r["training/rollout_logprob_diff_max"] < 1e-4  # float32: observed <= 1e-6
+    first = rows[0]
+    assert first["sync/gap_stale_max"] > 1e-3, "the update must move the policy (else the gap check is vacuous)"
+    assert first["sync/gap_after_max"] < 1e-4 < first["sync/gap_stale_max"] / 100  # float32: observed ~5e-7
+    assert [line["step"] for line in ranks] == [1, 2]
+    for line in ranks:
+        a, b = line["ranks"]
+        # both ranks streamed the same full weights into their engines (gathered from the FSDP shards)
+        assert a["sync/weights_sum"] == b["sync/weights_sum"]
+        assert a["timing_s/gen"] > 0 and b["timing_s/gen"] > 0
+    assert ranks[0]["ranks"][0]["sync/weights_sum"] != ranks[1]["ranks"][0]["sync/weights_sum"]
+    for rank in ranks[0]["ranks"]:  # each rank's own engine matches the updated trainer right after the sync
+        assert rank["sync/gap_after_max"] < 1e-4
+
+
+def test_two_ranks_one_vllm_engine_each(tmp_path, toy_model_dir):
+    pytest.importorskip("vllm")
+    rows, ranks, stdout = _whole_loop(tmp_path / "run", toy_model_dir, "vllm", tp=1)
+    _check(rows, ranks, stdout, tp=1)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # sharded checkpoints are not written by this build
+
+
+def test_two_ranks_one_tensor_parallel_vllm_engine(tmp_path, toy_model_dir):
+    pytest.importorskip("vllm")
+    rows, ranks, stdout = _whole_loop(tmp_path / "run", toy_model_dir, "vllm", tp=2)
+    _check(rows, ranks, stdout, tp=2)
+    assert all(r["rollout/schedule"] == "lockstep" for r in rows)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rollout"]["tensor_parallel_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--queries-per-step", "3", "--nproc-per-node", "2"), "--queries-per-step 3 must be divisible by the 2"),
+        (("--nproc-per-node", "2", "--tp", "3"), "--tp 3 must divide the number of processes 2"),
+        (
+            (
+                "--tp",
+                "2",
+            ),
+            "--tp 2 needs 2 ranks",
+        ),
+        (("--nproc-per-node", "2", "--resume"), "--resume with 2 processes needs sharded checkpoints"),
+        (("--nproc-per-node", "2", "--tp", "2", "--engine", "embedded"), "the embedded engine runs one per rank"),
+        (
+            (
+                "--nproc-per-node",
+                "0",
+            ),
+            "--nproc-per-node 0: pass a count >= 1",
+        ),
+    ],
+)
+def test_bad_layouts_are_one_line_before_any_work(tmp_path, args, expected):
+    res = _train("--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], res.stderr
+    assert "launching" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def test_rank_metrics_are_combined_by_kind():
+    a = {"rollout/num_trajectories": 4, "actor/num_seqs": 5.0, "timing_s/gen": 1.0, "reward/max": 1.0}
+    a.update({"actor/ratio_max": 1.2, "actor/num_mini_batches": 1.0, "engine": "vllm", "reward/x/mean": 0.5})
+    b = {"rollout/num_trajectories": 4, "actor/num_seqs": 3.0, "timing_s/gen": 3.0, "reward/max": 0.0}
+    b.update({"actor/ratio_max": 1.5, "actor/num_mini_batches": 1.0, "engine": "vllm", "sync/gap_after_max": None})
+    out = combine_rows([a, b])
+    assert out["rollout/num_trajectories"] == 8 and out["actor/num_seqs"] == 8.0  # counts add up
+    assert out["timing_s/gen"] == 2.0 and out["actor/ratio_max"] == 1.5 and out["reward/max"] == 1.0
+    assert out["actor/num_mini_batches"] == 1.0 and out["engine"] == "vllm"
+    assert out["reward/x/mean"] == 0.5 and out["sync/gap_after_max"] is None  # keys of one rank only survive
+    # tp 2: the two ranks of one engine report the same rollout, counted once; trainer keys over both
+    tp = combine_rows([a, {**a, "actor/num_seqs": 3.0}], tp=2)
+    assert tp["rollout/num_trajectories"] == 4 and tp["actor/num_seqs"] == 8.0
+
+
+def test_the_relaunch_command_parses_back_into_the_same_options():
+    import argparse
+
+    from engine.ranks import option_argv, torchrun_command
+    from engine.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    given = [
+        "--preset",
+        "toy",
+        "--steps",
+        "3",
+        "--val-data",
+        "a.jsonl",
+        "b.jsonl",
+        "--val-before-train",
+        "--lr",
+        "0.01",
+    ]
+    args = p.parse_args([*given, "--nproc-per-node", "2", "--tp", "2"])
+    argv = option_argv(p, args, drop=("nproc_per_node",))
+    assert vars(p.parse_args(argv)) == {**vars(args), "nproc_per_node": None}
+    cmd = torchrun_command(2, ["train", *argv])
+    assert cmd[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "engine.cli"]
+    assert cmd[8:] == ["train", *argv]
