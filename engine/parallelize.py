@@ -39,10 +39,15 @@ class DataParallel:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // self.local_world)
 
     def all_sum(self, value: float) -> float:
         """The sum of `value` over the ranks (the value itself when not distributed)."""
@@ -94,14 +99,20 @@ def init_from_env() -> DataParallel:
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DataParallel(rank=rank, world=world, local_rank=local)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world % local_world:
+        raise ValueError(f"WORLD_SIZE {world} is not a multiple of LOCAL_WORLD_SIZE {local_world}: unequal nodes")
+    return DataParallel(rank=rank, world=world, local_rank=local, local_world=local_world)
 
 
-def build_mesh(dp: DataParallel, replicate: int = 1):
-    """A 1-D mesh (`fsdp`) or, with `replicate` > 1, a 2-D HSDP mesh (`replicate`, `fsdp`)."""
+def build_mesh(dp: DataParallel, replicate: int | None = None):
+    """A 1-D mesh (`fsdp`) or, with `replicate` > 1, a 2-D HSDP mesh (`replicate`, `fsdp`). By default one
+    replica per node (`dp.nodes`): parameters are sharded within a node and replicated across nodes, so the
+    per-layer all-gathers stay on the node's fast links and only the gradient all-reduce crosses nodes."""
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    replicate = dp.nodes if replicate is None else replicate
     if dp.world % replicate:
         raise ValueError(f"world size {dp.world} is not a multiple of replicate={replicate} (nodes)")
     if replicate == 1:

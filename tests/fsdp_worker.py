@@ -45,9 +45,9 @@ def main() -> None:
     dp = init_from_env()
     torch.manual_seed(0)
     model = load_planner(args.model_dir, dtype="float32")
-    ref = None
+    ref, mesh = None, None
     if dp.enabled:
-        mesh = build_mesh(dp)
+        mesh = build_mesh(dp)  # 2-D (replicate, fsdp) when torchrun spans several nodes
         if args.kl_coef > 0:
             ref = load_planner(args.model_dir, dtype="float32")
             attach_packed_forward(ref)
@@ -78,6 +78,7 @@ def main() -> None:
     params = {n: t.clone() for n, t in full_parameters(model)}
     if dp.rank == 0:
         out = {"losses": losses, "grad_norms": norms, "params": params, "world": dp.world, "micro_batches": micro}
+        out["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else None
         torch.save(out, args.out)
     if dp.enabled:
         torch.distributed.destroy_process_group()

@@ -8,6 +8,7 @@ losses and the updated parameters must equal a single process training on all 8.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "fsdp_worker.py"
 
 
-def _run(cmd: list[str], tmp: Path) -> None:
+def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return env
+
+
+def _run(cmd: list[str], tmp: Path) -> None:
+    res = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
 
 
@@ -60,5 +65,47 @@ def test_ranks_with_different_micro_batch_counts_stay_in_step(tmp_path, tiny_mod
     # the padding passes add exactly nothing to the gradient: the same norms as one process
     norms = [abs(x - y) / x for x, y in zip(a["grad_norms"], b["grad_norms"])]
     assert max(norms) <= 1e-4, f"relative grad-norm differences {norms}"  # observed 1.1e-5, as with an even split
+    diff = max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
+    assert diff <= 1e-6, f"max |param difference| {diff:.2e}"
+
+
+def test_hsdp_across_two_nodes_with_c10d_rendezvous_equals_one_process(tmp_path, tiny_model_dir):
+    """Two torchrun agents, one per "node" (`--nnodes 2 --node-rank i`), meet through a c10d rendezvous as on a
+    cluster; the mesh is then 2-D HSDP (replicate over nodes, shard within) and the update equals one process."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    common = [tiny_model_dir, "--steps", "2", "--kl-coef", "0.01", "--lr", "1e-5"]
+    _run([sys.executable, str(WORKER), common[0], str(one), *common[1:]], tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "hsdp-test"]
+    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{port}"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *rdzv,
+                "--node-rank",
+                str(i),
+                str(WORKER),
+                common[0],
+                str(two),
+                *common[1:],
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    a, b = torch.load(one), torch.load(two)
+    assert b["world"] == 2 and b["mesh"] == {"replicate": 2, "fsdp": 1}
+    assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= 1e-6
     diff = max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
     assert diff <= 1e-6, f"max |param difference| {diff:.2e}"
