@@ -66,6 +66,7 @@ from agentflow.tasks import load_queries, load_task
 from agentflow.tasks.query import Query
 from agentflow.tools.search import open_index
 from engine.advantage import group_advantages, train_sequences
+from engine.attention import choose_backend, packed_attention_of
 from engine.build import (
     build_engine,
     build_helper,
@@ -81,7 +82,7 @@ from engine.eval import evaluate
 from engine.fsio import atomic_write_bytes
 from engine.logprob_gap import trainer_logprobs
 from engine.metrics import COLUMNS, ConsoleReporter, MetricsWriter, StepRecord, peak_flops, read_metrics, step_trace
-from engine.model import num_parameters
+from engine.model import num_parameters, resolve_dtype
 from engine.packing import TrainSequence
 from engine.presets import RunConfig
 from engine.rollout.protocol import SamplingConfig
@@ -119,6 +120,7 @@ class TrainLoop:
         self.t_start = time.perf_counter()
         mc = config.model
         self.device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        choose_backend(self.device, resolve_dtype(mc.dtype), mc.attention)  # an unavailable --attention: one line, now
         torch.manual_seed(config.seed)
         # data files are read (and a bad one refused) before any model is built
         self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
@@ -135,6 +137,7 @@ class TrainLoop:
         self.engine_name, why = choose_engine(config.rollout.engine, self.model_dir)
         self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
         self.model = build_planner(mc, self.model_dir, self.tokenizer, self.device, config.seed, self.notes)
+        self.notes.append(f"attention {packed_attention_of(self.model).name} (asked: {mc.attention})")
         self.notes.append(f"engine {self.engine_name}: {why}")
         self.engine = build_engine(
             self.engine_name,
