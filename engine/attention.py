@@ -23,7 +23,8 @@ Backends (`BACKENDS`, in the order `attention="auto"` tries them):
    no [T, T] evaluation), shared by every layer; `enable_gqa` for grouped KV heads. Compiled with
    `torch.compile` on CUDA. On CPU, torch (2.13) has no FlexAttention backward, so it is offered
    only for models without trainable parameters, runs eagerly (the eager path materialises the
-   [H, T, T] scores), and `auto` never picks it there.
+   [H, T, T] scores), and `auto` never picks it there. (Compiled on CPU, torch 2.13 builds a correct
+   kernel for one length but fails to compile the dynamic-shape kernel: a C++ error in its CPU template.)
 4. `sdpa_per_sequence`: SDPA once per sequence per layer (exact anywhere; one launch per sequence
    and layer). The last resort, and the CPU path.
 
@@ -83,10 +84,12 @@ def _torch_varlen() -> tuple[Callable | None, dict[str, Any], str]:
 
 
 @functools.cache
-def _flex(compiled: bool) -> Callable:
+def _flex(device_type: str) -> Callable:
+    """FlexAttention for tensors on `device_type`: on CUDA compiled once with dynamic shapes (every packed row
+    has its own length; one shape-generic kernel instead of a recompilation per length), elsewhere eager."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=True) if device_type == "cuda" else flex_attention
 
 
 def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype, *, trainable: bool = True) -> str:
@@ -239,7 +242,7 @@ def document_block_mask(bounds: Sequence[int], device: torch.device | str, block
 
 def _flex_attention(query, key, value, p: Packed):
     mask = p.block_mask if p.block_mask is not None else document_block_mask(p.bounds, query.device)
-    out = _flex(query.device.type == "cuda")(
+    out = _flex(query.device.type)(
         query, key, value, block_mask=mask, scale=p.scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
     return out.transpose(1, 2)
