@@ -4,7 +4,7 @@
 with transformers' `AttentionInterface` (and `sdpa`'s mask builder under the same name), sets it
 on the model, and chooses the packed backend ONCE for the model's device and dtype; the choice is
 kept on the model and its attention modules (`model.packed_attention`), so a forward only looks it
-up. The function looks at the forward kwargs:
+up (a model moved to another device afterwards keeps it: enable again with a name to re-choose). The function looks at the forward kwargs:
 
 - with `cu_seq_lens_q` (the packed path, see `engine.model.hidden_states`): a batch of one row of
   T tokens holding several sequences; each token attends causally within its own sequence only.
@@ -21,7 +21,7 @@ Backends (`BACKENDS`, in the order `attention="auto"` tries them):
 3. `flex`: FlexAttention with a document + causal `BlockMask` built once per packed forward from the
    host copy of `cu_seqlens` (block-level emptiness and fullness computed from the sequence bounds,
    no [T, T] evaluation), shared by every layer; `enable_gqa` for grouped KV heads. Compiled with
-   `torch.compile` on CUDA. On CPU, torch (2.13) has no FlexAttention backward, so it is offered
+   `torch.compile(dynamic=True)` on CUDA: one kernel for every packed length. On CPU, torch (2.13) has no FlexAttention backward, so it is offered
    only for models without trainable parameters, runs eagerly (the eager path materialises the
    [H, T, T] scores), and `auto` never picks it there. (Compiled on CPU, torch 2.13 builds a correct
    kernel for one length but fails to compile the dynamic-shape kernel: a C++ error in its CPU template.)
