@@ -9,7 +9,7 @@ of 64). Per backend: forward, and forward + backward where the backend has a bac
 SDPA per sequence on float32 copies of the same inputs, with the tolerance of `kernels.testing`;
 median and p20/p80 ms; peak extra memory). FlexAttention's block mask is built once per packed
 forward for all layers, so it is timed as its own row (`block_mask`), not inside the layer call.
-TFLOP/s counts causal attention only: 4·D·H·n(n+1)/2 per sequence forward, 2.5x that backward.
+GFLOP/s (the JSON: tflops) counts causal attention only: 4·D·H·n(n+1)/2 per sequence forward, 2.5x that backward.
 The header names the backend `auto` picks here. Prints a table, the conditions and a last-line JSON.
 """
 
@@ -73,16 +73,16 @@ def measure(op: str, provider: str, fn, gate, *, shape, dtype, device, flops: in
 
 def format_rows(rows: list[BenchRow]) -> str:
     lines = [
-        f"{'op':<18} {'backend':<18} {'median ms':>10} {'p20-p80 ms':>17} {'TFLOP/s':>8} {'peak MiB':>9} {'max err':>8}"
+        f"{'op':<18} {'backend':<18} {'median ms':>10} {'p20-p80 ms':>17} {'GFLOP/s':>9} {'peak MiB':>9} {'max err':>8}"
     ]
     for r in rows:
         if not r.ok:
             lines.append(f"{r.op:<18} {r.provider:<18} {r.error}")
             continue
-        tf = "-" if r.tflops is None else f"{r.tflops:.3f}"
+        tf = "-" if r.tflops is None else f"{r.tflops * 1e3:.1f}"
         mem = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.1f}"
         lines.append(
-            f"{r.op:<18} {r.provider:<18} {r.ms_median:>10.3f} {f'{r.ms_p20:.3f}-{r.ms_p80:.3f}':>17} {tf:>8} "
+            f"{r.op:<18} {r.provider:<18} {r.ms_median:>10.3f} {f'{r.ms_p20:.3f}-{r.ms_p80:.3f}':>17} {tf:>9} "
             f"{mem:>9} {r.max_err:>8.1e}"
         )
     return "\n".join(lines)
