@@ -3,6 +3,7 @@ a packed forward equals separate forwards; ordinary (generation) calls stay sdpa
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import random
 
@@ -231,6 +232,13 @@ def test_backends_available_on_cpu():
     assert CPU_TRAINABLE == ["sdpa_per_sequence"]
     assert CPU_INFERENCE == ["flex", "sdpa_per_sequence"]
     assert "needs CUDA" in unavailable_reason("varlen_attn", "cpu", torch.bfloat16)
+    # torch's varlen_attn is found and its keywords read from its signature (2.13: window_size, scale, enable_gqa)
+    from engine.attention import _torch_varlen
+
+    fn, extra, why = _torch_varlen()
+    assert fn is not None and not why
+    has_gqa_flag = "enable_gqa" in inspect.signature(fn).parameters  # 2.13 has it; 2.11 does not need it
+    assert extra == ({"enable_gqa": True} if has_gqa_flag else {})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
