@@ -2,6 +2,7 @@
 
     kernels   micro-benchmarks of the fused ops against the eager reference, torch.compile and Liger
               (`bench.kernels`), with the roofline of the same run (`bench.roofline`)
+    attention the packed-attention backends (varlen, FlexAttention, SDPA per sequence) on one pack (`bench.attention`)
     step      the phase breakdown of a few training steps of a preset, per rollout engine (`bench.step`)
     scale     a sweep of the group size G at fixed queries and hardware, until the first OOM (`bench.scale`)
     rollout   lock-step against continuous scheduling of the four-agent loop on vLLM (`bench.rollout`)
@@ -21,6 +22,7 @@ import importlib
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kernels": ("bench.kernels", "kernel micro-benchmarks: time, memory, GB/s, roofline ratio, correctness gate"),
+    "attention": ("bench.attention", "packed-attention backends on one pack of planner-turn lengths: fwd, fwd+bwd ms"),
     "step": ("bench.step", "phase breakdown of a few training steps (seconds, share, tokens/s, memory)"),
     "scale": ("bench.scale", "group-size sweep until the first out-of-memory: step time, tokens/s, memory"),
     "rollout": ("bench.rollout", "lock-step vs continuous rollout scheduling: trajectories/s, busy fraction, latency"),

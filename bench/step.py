@@ -10,7 +10,8 @@ only step, in which case the output says so. From the measured steps' metrics li
   `gen` and the weight sync `update_weights` out of `wake`): mean seconds, share of the mean step;
   `other` = step − the sum of the phases (loop bookkeeping, metrics, the progress line).
   `save_checkpoint` happens on the last step only (the loop saves at its last step).
-- **step time**: median and p20/p80 over the measured steps.
+- **step time**: median and p20/p80 over the measured steps; the header names the packed-attention
+  backend the trainer ran (`engine.attention`).
 - **throughput**: generated tokens/s during `gen` (every agent's tokens), training tokens/s during
   the trainer's phases (`perf/train_tokens_per_s`), trajectories/s over the whole step.
 - **memory per phase**, the maximum over the measured steps of the snapshot taken when the phase
@@ -99,8 +100,10 @@ def shared_tiny_model(cfg, root: Path) -> Path | None:
     return ensure_tiny(root / "model", cfg.model.tiny)[0]
 
 
-def run_steps(cfg) -> list[dict[str, Any]]:
-    """Run a TrainLoop for `cfg.steps` steps (its console output captured); the metrics lines."""
+def run_steps(cfg, info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run a TrainLoop for `cfg.steps` steps (its console output captured); the metrics lines.
+    `info`, if given, receives the packed-attention backend the trainer ran (`attention`)."""
+    from engine.attention import packed_attention_of
     from engine.loop import TrainLoop
     from engine.metrics import read_metrics
 
@@ -108,6 +111,8 @@ def run_steps(cfg) -> list[dict[str, Any]]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console = io.StringIO()
     loop = TrainLoop(cfg, out=console)
+    if info is not None:
+        info["attention"] = packed_attention_of(loop.model).name
     try:
         loop.run()
     finally:
@@ -229,7 +234,7 @@ def format_summary(engine: str, s: dict[str, Any]) -> str:
     warm = "includes warm-up (one step only)" if s["includes_warmup"] else "step 1 (warm-up) left out"
     lines = [
         f"engine {engine}: steps {s['steps_measured']} ({warm}); step {s['step_s_median']:.3f} s median "
-        f"(p20 {s['step_s_p20']:.3f}, p80 {s['step_s_p80']:.3f})",
+        f"(p20 {s['step_s_p20']:.3f}, p80 {s['step_s_p80']:.3f}); packed attention {s.get('attention', '?')}",
         f"{'phase':<16} {'mean s':>9} {'share':>7} {'memory GiB':>11}  what",
     ]
     for p, v in s["phases"].items():
@@ -359,11 +364,12 @@ def main(args: argparse.Namespace) -> int:
             queries=args.queries,
             model=model,
         )
+        info: dict[str, Any] = {}
         try:
             if nproc > 1:
                 records, rank_lines = run_steps_distributed(cfg, nproc, args.tp)
             else:
-                records = run_steps(cfg)
+                records = run_steps(cfg, info)
         except (ValueError, RuntimeError, FileNotFoundError) as e:
             print(f"error: engine {engine}: {e}", file=sys.stderr)
             return 1
@@ -371,6 +377,7 @@ def main(args: argparse.Namespace) -> int:
         if nproc > 1:
             s["ranks"] = summarize_ranks(rank_lines)
             s["memory_label"] = f"{s['memory_field']} at the phase end, mean over the {nproc} ranks"
+        s["attention"] = info.get("attention", "see the run's header")
         s["config"] = {
             "preset": preset_name,
             "queries": cfg.task.queries_per_step,

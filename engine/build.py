@@ -88,13 +88,13 @@ def build_planner(
 ):
     """The planner on `device`: loaded from `model_dir`, or random weights of `model.arch` (checked to fit)."""
     if model_dir is not None:
-        planner = load_planner(model_dir, dtype=model.dtype, device=device)
+        planner = load_planner(model_dir, dtype=model.dtype, device=device, attention=model.attention)
     else:
         arch = preset_config(model.arch)
         for k, v in model.arch_overrides.items():
             setattr(arch, k, v)
         check_fits(arch, model.dtype, device)
-        planner = build_random_model(arch, dtype=model.dtype, device=device, seed=seed)
+        planner = build_random_model(arch, dtype=model.dtype, device=device, seed=seed, attention=model.attention)
         notes.append(f"random {model.arch} weights built on {device} (seed {seed})")
     rows = planner.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > rows:

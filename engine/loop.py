@@ -79,6 +79,7 @@ from agentflow.tasks import load_queries, load_task
 from agentflow.tasks.query import Query
 from agentflow.tools.search import open_index
 from engine.advantage import group_advantages, train_sequences
+from engine.attention import choose_backend, packed_attention_of
 from engine.build import (
     build_engine,
     build_helper,
@@ -95,7 +96,7 @@ from engine.eval import evaluate
 from engine.fsio import atomic_write_bytes
 from engine.logprob_gap import trainer_logprobs
 from engine.metrics import COLUMNS, ConsoleReporter, MetricsWriter, StepRecord, peak_flops, read_metrics, step_trace
-from engine.model import num_parameters
+from engine.model import num_parameters, resolve_dtype
 from engine.packing import TrainSequence
 from engine.parallelize import SINGLE, DataParallel, full_parameters
 from engine.presets import RunConfig
@@ -155,6 +156,7 @@ class TrainLoop:
         mc = config.model
         cuda = f"cuda:{dp.local_rank}" if dp.enabled else "cuda"
         self.device = torch.device(mc.device or (cuda if torch.cuda.is_available() else "cpu"))
+        choose_backend(self.device, resolve_dtype(mc.dtype), mc.attention)  # an unavailable --attention: one line, now
         torch.manual_seed(config.seed)
         # data files are read (and a bad one refused) before any model is built
         self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
@@ -173,6 +175,7 @@ class TrainLoop:
             self.tokenizer = build_tokenizer(mc, self.model_dir, self.run_dir, self.notes)
         self.model = build_planner(mc, self.model_dir, self.tokenizer, self.device, config.seed, self.notes)
         self.num_params = num_parameters(self.model)
+        self.notes.append(f"attention {packed_attention_of(self.model).name} (asked: {mc.attention})")
         self.notes.append(f"engine {self.engine_name}: {why}")
         distributed = self.ranks.distributed
         self.engine = build_engine(

@@ -7,7 +7,8 @@
 - `load_planner(path, dtype=, device=)` loads a causal LM from a local Hugging Face directory
   (config.json + *.safetensors) in `dtype` on the host, then moves it to `device` (no `accelerate`
   needed; the host copy is already in `dtype`), with the packed-aware attention of
-  `engine.attention` switched on (it behaves as `sdpa` for ordinary, non-packed calls).
+  `engine.attention` switched on (it behaves as `sdpa` for ordinary, non-packed calls; `attention=`
+  forces its packed backend, default "auto").
 - `MODEL_SHAPES` is the table of known architectures (Qwen2.5 1.5B and 7B); `preset_config(name)` builds one;
   `build_random_model(config, dtype=, device=)` creates one with random weights directly on the
   target device in the target dtype: the module tree is built on the meta device, cast, then
@@ -43,8 +44,15 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
 
 
-def load_planner(path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu"):
-    """Load the planner from a local HF directory onto `device` in `dtype`, packed attention enabled."""
+def load_planner(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attention: str = "auto",
+):
+    """Load the planner from a local HF directory onto `device` in `dtype`, packed attention enabled
+    (`attention`: the backend, see `engine.attention`)."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
@@ -53,7 +61,7 @@ def load_planner(path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16,
     except (OSError, ValueError) as e:
         raise type(e)(f"could not load the model in {p}: {e}") from e
     model = model.to(device)
-    enable_packed_attention(model)
+    enable_packed_attention(model, attention)
     return model
 
 
@@ -140,7 +148,12 @@ def _init_in_place(model, seed: int) -> None:
 
 
 def build_random_model(
-    config, *, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0
+    config,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    attention: str = "auto",
 ):
     """A causal LM of `config` with random weights, allocated once, on `device`, in `dtype`.
 
@@ -157,7 +170,7 @@ def build_random_model(
         model = model.to_empty(device=device)
         _init_in_place(model, seed)
         model.tie_weights()
-    enable_packed_attention(model)
+    enable_packed_attention(model, attention)
     return model
 
 
@@ -189,7 +202,7 @@ def attach_packed_forward(model) -> None:
 
 def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
     """Last hidden states [T, d] (after the final norm) of the packed micro-batch; attention stays within sequences."""
-    enable_packed_attention(model)
+    backend = enable_packed_attention(model)
     out = model.base_model(
         input_ids=mb.input_ids.unsqueeze(0),
         position_ids=mb.position_ids.unsqueeze(0),
@@ -203,6 +216,7 @@ def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
         max_length_q=mb.max_seqlen,
         max_length_k=mb.max_seqlen,
         cu_seq_lens_host=mb.cu_seqlens_host,
+        **backend.prepare(mb.cu_seqlens_host, mb.input_ids.device),
     )
     return out.last_hidden_state[0]
 

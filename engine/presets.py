@@ -27,6 +27,7 @@ from typing import Any
 from agentflow.runner import AgentConfig
 from agentflow.tasks.data import DataSpec
 from engine.advantage import AdvantageConfig
+from engine.attention import ATTENTION_CHOICES
 from engine.model import MODEL_SHAPES
 from engine.tiny import TinyConfig
 from engine.trainer import TrainerConfig
@@ -47,12 +48,15 @@ class ModelConfig:
     arch_overrides: dict[str, Any] = field(default_factory=dict)  # Qwen2Config fields (e.g. fewer layers)
     dtype: str = "float32"
     device: str | None = None  # None: cuda when available, else cpu
+    attention: str = "auto"  # packed-attention backend: "auto" or one of engine.attention.BACKENDS
 
     def __post_init__(self) -> None:
         if self.arch != "tiny" and self.arch not in MODEL_SHAPES:
             raise ValueError(f"model arch must be 'tiny' or one of {sorted(MODEL_SHAPES)}, got {self.arch!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"model attention must be one of {list(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.arch_overrides and self.arch == "tiny":
             raise ValueError("arch_overrides apply to the Qwen2.5 architectures; for tiny set ModelConfig.tiny")
 
@@ -412,6 +416,7 @@ PRESETS: dict[str, Callable[..., RunConfig]] = {
 OVERRIDES: dict[str, tuple[str, str]] = {
     "model": ("model", "path"),
     "device": ("model", "device"),
+    "attention": ("model", "attention"),
     "engine": ("rollout", "engine"),
     "tp": ("rollout", "tensor_parallel_size"),
     "group_size": ("task", "group_size"),

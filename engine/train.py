@@ -33,6 +33,7 @@ from pathlib import Path
 
 from agentflow.agents import PLANNER_FORMATS
 from engine.advantage import GROUPINGS
+from engine.attention import ATTENTION_CHOICES
 from engine.presets import ENGINES, HELPERS, PRESETS, preset, with_overrides
 
 
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-coef", type=float, help="KL coefficient (0: no reference model)")
     p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--attention", choices=ATTENTION_CHOICES, help="packed-attention backend (default auto: the fastest available)"
+    )
     p.add_argument(
         "--helper", choices=HELPERS, help="frozen model of every role but the planner (default: the preset's)"
     )
@@ -90,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The preset's RunConfig with the command line's overrides applied."""
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
+    names += ("attention",)
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")
     names += ("advantage", "mini_batches", "weight_decay", "planner_max_new_tokens", "context_budget")

@@ -94,6 +94,7 @@ def test_one_step_is_labelled_as_including_warmup(tmp_path):
     s = json.loads(r.stdout.strip().splitlines()[-1])["engines"]["embedded"]
     assert s["includes_warmup"] and s["steps_measured"] == [1]
     assert "includes warm-up (one step only)" in r.stdout
+    assert s["attention"] == "sdpa_per_sequence" and "packed attention sdpa_per_sequence" in r.stdout
 
 
 def _records(step_times, phase_times):
