@@ -62,7 +62,20 @@ LOGITS_VS = (*(2**k for k in range(7, 14)), 151_936, 151_665)
 # Qwen2.5's 1536 / 3584, so a small one keeps the float32 d weight buffer the launcher allocates small.
 LINEAR_D, LINEAR_V = 256, 151_936
 LINEAR_NS = (64, 16_384)
-COLUMNS = ("kernel", "dtype", "case", "warps", "stages", "regs", "spill_st", "spill_ld", "smem", "tensor_cores")
+COLUMNS = (
+    "kernel",
+    "dtype",
+    "case",
+    "warps",
+    "stages",
+    "regs",
+    "spill_st",
+    "spill_ld",
+    "smem",
+    "tensor_cores",
+    "ld_vec",
+    "st_vec",
+)
 
 
 @dataclass
@@ -88,6 +101,8 @@ class CompileResult:
     spill_ld: int
     smem: int  # bytes of shared memory per CTA (Triton's dynamic allocation)
     tensor_cores: str  # "wgmma", "mma", or "-"
+    ld_vec: str = ""  # "vector/all" global load instructions in the PTX (vector: ld.global.v2 / .v4)
+    st_vec: str = ""  # the same for global stores
 
 
 class _TensorStub:
@@ -246,6 +261,7 @@ def compile_launch(launch: Launch, target: Any, backend: Any) -> CompileResult:
         raise RuntimeError(f"no ptxas -v report for {kernel.__name__} ({launch.case}); ptxas said: {text[-500:]}")
     ptx = compiled.asm["ptx"]
     tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-"
+    ld_vec, st_vec = (_vector_share(ptx, op) for op in ("ld", "st"))
     return CompileResult(
         kernel=kernel.__name__,
         dtype=launch.dtype,
@@ -257,7 +273,16 @@ def compile_launch(launch: Launch, target: Any, backend: Any) -> CompileResult:
         spill_ld=int(spill.group(2)),
         smem=int(compiled.metadata.shared),
         tensor_cores=tensor_cores,
+        ld_vec=ld_vec,
+        st_vec=st_vec,
     )
+
+
+def _vector_share(ptx: str, op: str) -> str:
+    """Vector / all global `op` (ld or st) instructions of the PTX, static counts ("4/7")."""
+    forms = re.findall(rf"\b{op}\.global((?:\.[a-z0-9]+)*)", ptx)
+    vector = sum(1 for f in forms if re.search(r"\.v[248]\b", f))
+    return f"{vector}/{len(forms)}"
 
 
 def compile_all(launches: list[Launch], progress: Callable[[str], None] | None = None) -> list[CompileResult]:
