@@ -12,12 +12,13 @@
    a signature, constexprs (including integer arguments equal to 1) and 16-byte divisibility
    attributes, exactly as a launch would; launches with the same compile key are compiled once.
 3. Compile to a cubin with the ptxas Triton uses (`TRITON_PTXAS_PATH` selects another) and read
-   registers and spill bytes from `ptxas -v`, shared memory from Triton's metadata and the use of
-   tensor-core instructions (`wgmma` / `mma.sync`) from the PTX.
+   registers and spill bytes from `ptxas -v`, shared memory from Triton's metadata, and from the PTX
+   the use of tensor-core instructions (`wgmma` / `mma.sync`) and the share of vector global loads
+   and stores (`ld_vec`, `st_vec`: vector / all instructions, static counts).
 
-Cases: dtypes float32, bfloat16, float16. Logits ops: V = 2^k for every block size
-`token_logprobs.launch_config` can choose (128 … 8192), plus Qwen's 151 936 and 151 665 (not a
-multiple of 16: unaligned rows); `token_logprobs_fwd` with and without entropy, `token_logprobs_bwd`
+Cases: dtypes float32, bfloat16, float16. Logits ops: V = 2^k, 128 … 8192 (every block size
+`token_logprobs.launch_config` can choose), plus Qwen's 151 936 and 151 665 (not a multiple of 8:
+rows start at every 16-byte phase); `token_logprobs_fwd` with and without entropy, `token_logprobs_bwd`
 with and without the entropy term, `flow_grpo_loss_fwd` with every (ref, dual clip, KL type) at
 the largest block and with the default loss at the others. LM-head ops: N = 64 (many vocabulary
 splits) and 16 384 (one split), d = 256 (as 1536 or 3584: a runtime integer, a multiple of 16),

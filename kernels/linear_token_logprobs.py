@@ -18,7 +18,9 @@ plus the target logit (where the target falls in the tile). Only these four floa
 split are written. A second small kernel merges the splits (`combine_splits`):
 lse = m + log s, H = log s − a/s, logp = z_target − lse. The splits exist to fill the GPU when
 N / BLOCK_N is below the number of SMs (a 2k-token micro-batch is 16 token blocks); they cost
-4·N floats per split.
+4·N floats per split. Their number (`choose_splits`) makes whole waves of programs at the occupancy
+the compiled kernel gets (`ctas_per_sm` of its registers and shared memory: one program per SM for
+bf16 on sm_90, 255 registers), read from the kernel after its first launch on the device.
 
 Triton backward (`_linear_token_logprobs_bwd_kernel`): given per-row coefficients g (on logp) and
 h (on H), with p recomputed from the saved lse,

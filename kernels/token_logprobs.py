@@ -9,6 +9,14 @@ BLOCK_V chunks, never materialised):
     lse = m + log s      logp = z_target − lse      H = −Σ p log p = log s − a / s
 
 The target logit is one scalar load. Outputs are O(N): logp, H and lse (saved for backward).
+
+Memory access (both passes): a row of any length and alignment is split by its address
+(`kernels.utils.row_segments`) into a head before its first 16-byte boundary, a body of whole
+16-byte vectors and a tail; head and tail (< 2·VEC elements) take scalar loads, the body 16-byte
+vector loads (`ld.global.v4`, also when V = 151 665 is not a multiple of 8 and rows start at every
+alignment). The forward keeps the next body block's load in flight while it reduces the current
+one and reduces only the block maximum across the program; the running sums stay per lane until
+the end. Block sizes per V and dtype: `launch_config`.
 `-inf` logits (masked vocabulary entries) contribute 0 to s and a; a NaN or +inf logit makes the
 row's lse and logp non-finite, and a target outside [0, V) is read as NaN (never out of bounds), so
 both are caught from the O(N) outputs (`kernels.validation`) without another pass over the logits.
