@@ -98,8 +98,8 @@ def force_small_blocks(monkeypatch):
     monkeypatch.setattr(utils, "TORCH_CHUNK_BYTES", 16 * 128 * 4)
     real = ltl_module.linear_launch
 
-    def one_block_per_split(n, v, dtype, device, interpreted):
-        cfg = real(n, v, dtype, device, interpreted)
+    def one_block_per_split(n, v, dtype, device, interpreted, **kwargs):
+        cfg = real(n, v, dtype, device, interpreted, **kwargs)
         return ltl_module.LinearLaunch(**{**cfg.__dict__, "splits": -(-v // cfg.block_v), "blocks_per_split": 1})
 
     monkeypatch.setattr(ltl_module, "linear_launch", one_block_per_split)
