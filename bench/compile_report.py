@@ -12,12 +12,13 @@
    a signature, constexprs (including integer arguments equal to 1) and 16-byte divisibility
    attributes, exactly as a launch would; launches with the same compile key are compiled once.
 3. Compile to a cubin with the ptxas Triton uses (`TRITON_PTXAS_PATH` selects another) and read
-   registers and spill bytes from `ptxas -v`, shared memory from Triton's metadata and the use of
-   tensor-core instructions (`wgmma` / `mma.sync`) from the PTX.
+   registers and spill bytes from `ptxas -v`, shared memory from Triton's metadata, and from the PTX
+   the use of tensor-core instructions (`wgmma` / `mma.sync`) and the share of vector global loads
+   and stores (`ld_vec`, `st_vec`: vector / all instructions, static counts).
 
-Cases: dtypes float32, bfloat16, float16. Logits ops: V = 2^k for every block size
-`token_logprobs.launch_config` can choose (128 … 8192), plus Qwen's 151 936 and 151 665 (not a
-multiple of 16: unaligned rows); `token_logprobs_fwd` with and without entropy, `token_logprobs_bwd`
+Cases: dtypes float32, bfloat16, float16. Logits ops: V = 2^k, 128 … 8192 (every block size
+`token_logprobs.launch_config` can choose), plus Qwen's 151 936 and 151 665 (not a multiple of 8:
+rows start at every 16-byte phase); `token_logprobs_fwd` with and without entropy, `token_logprobs_bwd`
 with and without the entropy term, `flow_grpo_loss_fwd` with every (ref, dual clip, KL type) at
 the largest block and with the default loss at the others. LM-head ops: N = 64 (many vocabulary
 splits) and 16 384 (one split), d = 256 (as 1536 or 3584: a runtime integer, a multiple of 16),
@@ -62,7 +63,20 @@ LOGITS_VS = (*(2**k for k in range(7, 14)), 151_936, 151_665)
 # Qwen2.5's 1536 / 3584, so a small one keeps the float32 d weight buffer the launcher allocates small.
 LINEAR_D, LINEAR_V = 256, 151_936
 LINEAR_NS = (64, 16_384)
-COLUMNS = ("kernel", "dtype", "case", "warps", "stages", "regs", "spill_st", "spill_ld", "smem", "tensor_cores")
+COLUMNS = (
+    "kernel",
+    "dtype",
+    "case",
+    "warps",
+    "stages",
+    "regs",
+    "spill_st",
+    "spill_ld",
+    "smem",
+    "tensor_cores",
+    "ld_vec",
+    "st_vec",
+)
 
 
 @dataclass
@@ -88,6 +102,8 @@ class CompileResult:
     spill_ld: int
     smem: int  # bytes of shared memory per CTA (Triton's dynamic allocation)
     tensor_cores: str  # "wgmma", "mma", or "-"
+    ld_vec: str = ""  # "vector/all" global load instructions in the PTX (vector: ld.global.v2 / .v4)
+    st_vec: str = ""  # the same for global stores
 
 
 class _TensorStub:
@@ -246,6 +262,7 @@ def compile_launch(launch: Launch, target: Any, backend: Any) -> CompileResult:
         raise RuntimeError(f"no ptxas -v report for {kernel.__name__} ({launch.case}); ptxas said: {text[-500:]}")
     ptx = compiled.asm["ptx"]
     tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-"
+    ld_vec, st_vec = (_vector_share(ptx, op) for op in ("ld", "st"))
     return CompileResult(
         kernel=kernel.__name__,
         dtype=launch.dtype,
@@ -257,7 +274,16 @@ def compile_launch(launch: Launch, target: Any, backend: Any) -> CompileResult:
         spill_ld=int(spill.group(2)),
         smem=int(compiled.metadata.shared),
         tensor_cores=tensor_cores,
+        ld_vec=ld_vec,
+        st_vec=st_vec,
     )
+
+
+def _vector_share(ptx: str, op: str) -> str:
+    """Vector / all global `op` (ld or st) instructions of the PTX, static counts ("4/7")."""
+    forms = re.findall(rf"\b{op}\.global((?:\.[a-z0-9]+)*)", ptx)
+    vector = sum(1 for f in forms if re.search(r"\.v[248]\b", f))
+    return f"{vector}/{len(forms)}"
 
 
 def compile_all(launches: list[Launch], progress: Callable[[str], None] | None = None) -> list[CompileResult]:

@@ -43,7 +43,7 @@ from kernels.loss_common import (
     write_token_stats,
 )
 from kernels.token_logprobs import launch_config, token_logprobs_bwd, token_logprobs_bwd_torch, token_logprobs_fwd_torch
-from kernels.utils import LossOutput, output_buffer, row_logsumexp_entropy, unit_stride
+from kernels.utils import LossOutput, output_buffer, row_logsumexp_entropy, unit_stride, vector_elems
 from kernels.validation import check_logits, is_interpreted, raise_for_bad_rows, resolve_impl
 
 
@@ -69,11 +69,12 @@ def _flow_grpo_loss_fwd_kernel(
     DUAL_CLIP: tl.constexpr,
     KL_TYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31 for N·V ≥ 2^31
     target = tl.load(targets_ptr + row)
     lse, logp, entropy = row_logsumexp_entropy(
-        logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V
+        logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V, VEC=VEC
     )
     write_token_stats(
         stats_ptr,
@@ -131,6 +132,7 @@ def flow_grpo_loss_fwd(
         *config.kernel_scalars,
         **config.kernel_constexprs(has_ref),
         BLOCK_V=block_v,
+        VEC=vector_elems(logits.dtype),
         num_warps=num_warps,
     )
     return stats

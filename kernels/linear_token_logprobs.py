@@ -18,7 +18,9 @@ plus the target logit (where the target falls in the tile). Only these four floa
 split are written. A second small kernel merges the splits (`combine_splits`):
 lse = m + log s, H = log s − a/s, logp = z_target − lse. The splits exist to fill the GPU when
 N / BLOCK_N is below the number of SMs (a 2k-token micro-batch is 16 token blocks); they cost
-4·N floats per split.
+4·N floats per split. Their number (`choose_splits`) makes whole waves of programs at the occupancy
+the compiled kernel gets (`ctas_per_sm` of its registers and shared memory: one program per SM for
+bf16 on sm_90, 255 registers), read from the kernel after its first launch on the device.
 
 Triton backward (`_linear_token_logprobs_bwd_kernel`): given per-row coefficients g (on logp) and
 h (on H), with p recomputed from the saved lse,
@@ -110,22 +112,105 @@ class LinearLaunch:
     group_n: int  # backward: token blocks per group of the grouped tile order
 
 
-def linear_launch(n: int, v: int, dtype: torch.dtype, device: torch.device, interpreted: bool) -> LinearLaunch:
-    """Tiles for Hopper (128×128 logits tiles, 64-wide d chunks for bf16/fp16, 32 for fp32), or small
-    ones under the interpreter (where each block step costs numpy calls, and several token, vocabulary
-    and d blocks — and vocabulary splits — are still exercised at test sizes)."""
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound how many programs of a kernel run at once (sm_90: H100 / H200)."""
+
+    regs: int = 65536
+    reg_unit: int = 256  # registers are allocated per warp, in units of 256
+    smem: int = 228 * 1024
+    smem_reserved: int = 1024  # per CTA, by the driver
+    max_warps: int = 64
+    max_ctas: int = 32
+
+
+HOPPER = SMLimits()
+# (registers per thread, shared memory bytes) of `_linear_token_logprobs_fwd_kernel` at `linear_launch`'s
+# GPU tiles, by input element size, as the compile report reads them for sm_90 (Triton 3.9, ptxas 13.4):
+# the occupancy estimate until a launch on the device reports the compiled kernel's own (`_FWD_OCCUPANCY`).
+FWD_RESOURCES_ESTIMATE = {2: (255, 96 * 1024), 4: (160, 24 * 1024)}
+# (dtype, device index) → programs per SM of the compiled forward kernel, recorded after its first launch
+_FWD_OCCUPANCY: dict[tuple[torch.dtype, int], int] = {}
+MAX_SPLITS = 64
+
+
+def ctas_per_sm(regs_per_thread: int, smem_bytes: int, num_warps: int, sm: SMLimits = HOPPER) -> int:
+    """Programs of `num_warps` warps that fit one SM at once, by registers, shared memory and warps."""
+    regs_per_warp = triton.cdiv(max(regs_per_thread, 1) * 32, sm.reg_unit) * sm.reg_unit
+    by_regs = (sm.regs // regs_per_warp) // num_warps
+    by_smem = sm.smem // (smem_bytes + sm.smem_reserved)
+    return max(1, min(by_regs, by_smem, sm.max_warps // num_warps, sm.max_ctas))
+
+
+def choose_splits(n_blocks: int, v_blocks: int, slots: int, max_splits: int = MAX_SPLITS) -> tuple[int, int]:
+    """(splits, blocks_per_split) of the forward grid for `slots` programs running at once.
+
+    Model: programs of blocks_per_split vocabulary blocks each, run in waves of `slots`; SM use =
+    n_blocks·v_blocks / (waves · slots · blocks_per_split). The fewest splits within 1 % of the best
+    SM use is taken (each split costs 4·N floats of partial statistics and a step of the merge).
+    """
+    options = []
+    for want in range(1, min(v_blocks, max_splits) + 1):
+        per_split = triton.cdiv(v_blocks, want)
+        splits = triton.cdiv(v_blocks, per_split)
+        options.append((sm_use(n_blocks, splits, per_split, v_blocks, slots), splits, per_split))
+    top = max(use for use, _, _ in options)
+    return min((splits, per_split) for use, splits, per_split in options if use >= top - 0.01)
+
+
+def sm_use(n_blocks: int, splits: int, per_split: int, v_blocks: int, slots: int) -> float:
+    """Modeled SM use of a forward grid (see `choose_splits`)."""
+    return n_blocks * v_blocks / (triton.cdiv(n_blocks * splits, slots) * slots * per_split)
+
+
+def linear_launch(
+    n: int, v: int, dtype: torch.dtype, device: torch.device, interpreted: bool, *, backward: bool = False
+) -> LinearLaunch:
+    """Tiles for Hopper (128×128 logits tiles, 64-wide d chunks for bf16/fp16; fp32: 64×128×32 in the
+    forward, 64×64×16 in the backward, whose FMA dots spill at larger tiles), or small ones under the
+    interpreter (where each block step costs numpy calls, and several token, vocabulary and d blocks —
+    and vocabulary splits — are still exercised at test sizes). The forward's vocabulary splits fill
+    the SMs at the occupancy the compiled kernel gets (`choose_splits`, `ctas_per_sm`)."""
     if interpreted:
-        bn, bv, bd, warps, stages, target_programs = 64, 256, 32, 1, 1, 0
+        bn, bv, bd, warps, stages = 64, 256, 32, 1, 1
     elif dtype.itemsize <= 2:
         bn, bv, bd, warps, stages = 128, 128, 64, 8, 3
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    elif backward:
+        bn, bv, bd, warps, stages = 64, 64, 16, 8, 2
     else:
         bn, bv, bd, warps, stages = 64, 128, 32, 8, 2
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     n_blocks, v_blocks = triton.cdiv(n, bn), triton.cdiv(v, bv)
-    want = 3 if interpreted else triton.cdiv(target_programs, n_blocks)
-    per_split = triton.cdiv(v_blocks, max(1, min(v_blocks, want)))
-    return LinearLaunch(bn, bv, bd, warps, stages, triton.cdiv(v_blocks, per_split), per_split, 8)
+    if interpreted:
+        per_split = triton.cdiv(v_blocks, min(v_blocks, 3))
+        splits = triton.cdiv(v_blocks, per_split)
+    else:
+        slots = fwd_ctas_per_sm(dtype, device, warps) * torch.cuda.get_device_properties(device).multi_processor_count
+        splits, per_split = choose_splits(n_blocks, v_blocks, slots)
+    return LinearLaunch(bn, bv, bd, warps, stages, splits, per_split, 8)
+
+
+def fwd_ctas_per_sm(dtype: torch.dtype, device: torch.device, num_warps: int) -> int:
+    """Programs per SM of the forward kernel: the compiled kernel's, once launched on this device, else
+    the estimate from the compile report's figures (`FWD_RESOURCES_ESTIMATE`)."""
+    known = _FWD_OCCUPANCY.get((dtype, _device_index(device)))
+    if known is not None:
+        return known
+    regs, smem = FWD_RESOURCES_ESTIMATE[min(dtype.itemsize, 4)]
+    return ctas_per_sm(regs, smem, num_warps)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else 0
+
+
+def record_fwd_occupancy(compiled: object, dtype: torch.dtype, device: torch.device, num_warps: int) -> None:
+    """Keep the programs per SM of a launched forward kernel (Triton's CompiledKernel: `n_regs`, and
+    `metadata.shared`) for the next grid on this device; anything else (a launch that returned no
+    compiled kernel) leaves the estimate in place."""
+    regs = getattr(compiled, "n_regs", None)
+    smem = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if isinstance(regs, int) and regs > 0 and isinstance(smem, int):
+        _FWD_OCCUPANCY[(dtype, _device_index(device))] = ctas_per_sm(regs, smem, num_warps)
 
 
 @triton.jit
@@ -404,9 +489,10 @@ def linear_token_logprobs_partials(
     hidden, weight, targets = unit_stride(hidden), unit_stride(weight), targets.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = linear_launch(n, v, hidden.dtype, hidden.device, is_interpreted(_linear_token_logprobs_fwd_kernel))
+    interpreted = is_interpreted(_linear_token_logprobs_fwd_kernel)
+    cfg = linear_launch(n, v, hidden.dtype, hidden.device, interpreted)
     part = output_buffer((4, cfg.splits, n), dtype=torch.float32, device=hidden.device)
-    _linear_token_logprobs_fwd_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits)](
+    compiled = _linear_token_logprobs_fwd_kernel[(triton.cdiv(n, cfg.block_n), cfg.splits)](
         hidden,
         weight,
         bias.contiguous() if bias is not None else hidden,
@@ -427,6 +513,8 @@ def linear_token_logprobs_partials(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if hidden.is_cuda and not interpreted:
+        record_fwd_occupancy(compiled, hidden.dtype, hidden.device, cfg.num_warps)
     return part
 
 
@@ -491,7 +579,7 @@ def linear_token_logprobs_bwd(
     has_h = h is not None
     if has_h:
         h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
-    cfg = linear_launch(n, v, hidden.dtype, dev, is_interpreted(_linear_token_logprobs_bwd_kernel))
+    cfg = linear_launch(n, v, hidden.dtype, dev, is_interpreted(_linear_token_logprobs_bwd_kernel), backward=True)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     _linear_token_logprobs_bwd_kernel[grid](
         hidden,

@@ -9,6 +9,14 @@ BLOCK_V chunks, never materialised):
     lse = m + log s      logp = z_target − lse      H = −Σ p log p = log s − a / s
 
 The target logit is one scalar load. Outputs are O(N): logp, H and lse (saved for backward).
+
+Memory access (both passes): a row of any length and alignment is split by its address
+(`kernels.utils.row_segments`) into a head before its first 16-byte boundary, a body of whole
+16-byte vectors and a tail; head and tail (< 2·VEC elements) take scalar loads, the body 16-byte
+vector loads (`ld.global.v4`, also when V = 151 665 is not a multiple of 8 and rows start at every
+alignment). The forward keeps the next body block's load in flight while it reduces the current
+one and reduces only the block maximum across the program; the running sums stay per lane until
+the end. Block sizes per V and dtype: `launch_config`.
 `-inf` logits (masked vocabulary entries) contribute 0 to s and a; a NaN or +inf logit makes the
 row's lse and logp non-finite, and a target outside [0, V) is read as NaN (never out of bounds), so
 both are caught from the O(N) outputs (`kernels.validation`) without another pass over the logits.
@@ -35,7 +43,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy, torch_chunk_bytes, unit_stride
+from kernels.utils import (
+    LOGP_FLOOR,
+    VECTOR_BYTES,
+    edge_columns,
+    output_buffer,
+    row_logsumexp_entropy,
+    row_segments,
+    torch_chunk_bytes,
+    unit_stride,
+    vector_elems,
+)
 from kernels.validation import (
     check_logits,
     check_targets,
@@ -62,16 +80,28 @@ def _token_logprobs_fwd_kernel(
     inv_t,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31 for N·V ≥ 2^31
     target = tl.load(targets_ptr + row)
     lse, logp, entropy = row_logsumexp_entropy(
-        logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=WITH_ENTROPY, BLOCK_V=BLOCK_V
+        logits_ptr + row * stride_row, target, V, inv_t, WITH_ENTROPY=WITH_ENTROPY, BLOCK_V=BLOCK_V, VEC=VEC
     )
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _dlogits(x, target, cols, lse, g, h, entropy, inv_t, HAS_H: tl.constexpr):
+    """d logits (float32) of the logits `x` in columns `cols` of a row (see the module docstring)."""
+    logp_v = x.to(tl.float32) * inv_t - lse
+    p = tl.exp(logp_v)
+    grad = tl.where(cols == target, g, 0.0) - g * p
+    if HAS_H:
+        grad -= h * p * tl.where(p > 0.0, logp_v + entropy, 0.0)  # dH/dz = −p (log p + H); 0 where p = 0
+    return grad * inv_t
 
 
 @triton.jit
@@ -88,7 +118,9 @@ def _token_logprobs_bwd_kernel(
     V,
     inv_t,
     HAS_H: tl.constexpr,
+    SAME_PHASE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -101,34 +133,44 @@ def _token_logprobs_bwd_kernel(
         h = tl.load(h_ptr + row)
         entropy = tl.load(entropy_ptr + row)
         active = active | (h != 0.0).to(tl.int32)
-    # masked tokens (g = h = 0) read nothing: z = −inf gives p = 0 and a zero gradient
-    n_read = V * active
     row_ptr = logits_ptr + row * stride_row
     drow_ptr = dlogits_ptr + row * stride_drow
+    out_ty = dlogits_ptr.dtype.element_ty
+    # in place: each element is read before the same program overwrites it, and never read again
+    head, body = row_segments(row_ptr, V, VEC)
+    # head and tail (< 2·VEC elements); masked tokens (g = h = 0) read nothing: z = −inf gives p = 0, grad 0
+    ecols, emask = edge_columns(head, body, V, VEC)
+    x_edge = tl.load(row_ptr + ecols, mask=emask & (ecols < V * active), other=float("-inf"))
+    grad_edge = _dlogits(x_edge, target, ecols, lse, g, h, entropy, inv_t, HAS_H)
+    tl.store(drow_ptr + ecols, grad_edge.to(out_ty), mask=emask)
+    # the aligned body in 16-byte vectors; d logits share the alignment when SAME_PHASE (same row phase)
+    body_ptr = tl.multiple_of(row_ptr + head, 16)
+    dbody_ptr = drow_ptr + head
+    if SAME_PHASE:
+        dbody_ptr = tl.multiple_of(dbody_ptr, 16)
+    n_body = tl.multiple_of(body, VEC)
+    n_read = tl.multiple_of(body * active, VEC)
     offs = tl.arange(0, BLOCK_V)  # [BLOCK_V]
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, n_body, BLOCK_V):
         cols = start + offs
-        z = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_V]
-        logp_v = z - lse
-        p = tl.exp(logp_v)  # [BLOCK_V]
-        grad = tl.where(cols == target, g, 0.0) - g * p
-        if HAS_H:
-            grad -= h * p * tl.where(p > 0.0, logp_v + entropy, 0.0)  # dH/dz = −p (log p + H); 0 where p = 0
-        # in place: this block was read above by the same program and is never read again
-        tl.store(drow_ptr + cols, (grad * inv_t).to(dlogits_ptr.dtype.element_ty), mask=cols < V)
+        x = tl.load(body_ptr + cols, mask=cols < n_read, other=float("-inf"))  # [BLOCK_V]
+        grad = _dlogits(x, target, head + cols, lse, g, h, entropy, inv_t, HAS_H)
+        tl.store(dbody_ptr + cols, grad.to(out_ty), mask=cols < n_body)
 
 
 def launch_config(v: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of `v` logits of `dtype`.
 
-    On a GPU the row loop must stream at memory bandwidth: 16 KiB per block step (8192 bf16 or
-    4096 fp32 values, 16 per thread at 8-16 warps) keeps enough loads in flight per SM.
+    On a GPU the row's aligned body streams in blocks of 8 KiB (4096 bf16/fp16 or 2048 fp32 values)
+    at 8 warps: 16 bytes (one vector) ×2 per thread and block, the forward keeping the next block's
+    load in flight besides, with enough registers left for 3 programs per SM. Rows shorter than that
+    take the smallest power of two ≥ v (at least one vector per thread of 4 warps).
     """
     if interpreted:
         return min(triton.next_power_of_2(v), INTERPRETER_BLOCK_V), 1
-    cap = 8192 if dtype.itemsize <= 2 else 4096
-    block = min(max(triton.next_power_of_2(v), 128), cap)
-    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    cap = 8192 // dtype.itemsize
+    block = min(max(triton.next_power_of_2(v), 128 * vector_elems(dtype)), cap)
+    num_warps = 8 if block == cap else 4
     return block, num_warps
 
 
@@ -153,6 +195,7 @@ def token_logprobs_fwd(
         1.0 / temperature,
         WITH_ENTROPY=with_entropy,
         BLOCK_V=block_v,
+        VEC=vector_elems(logits.dtype),
         num_warps=num_warps,
     )
     return logp, entropy, lse
@@ -194,10 +237,21 @@ def token_logprobs_bwd(
         v,
         1.0 / temperature,
         HAS_H=has_h,
+        SAME_PHASE=same_phase(logits, dlogits),
         BLOCK_V=block_v,
+        VEC=vector_elems(logits.dtype),
         num_warps=num_warps,
     )
     return dlogits
+
+
+def same_phase(logits: torch.Tensor, dlogits: torch.Tensor) -> bool:
+    """Whether every row of `dlogits` starts at the same offset from a 16-byte boundary as the same row
+    of `logits` (same element size): then the aligned body of each logits row is aligned in d logits too."""
+    item = logits.element_size()
+    return (dlogits.data_ptr() - logits.data_ptr()) % VECTOR_BYTES == 0 and (
+        (dlogits.stride(0) - logits.stride(0)) * item
+    ) % VECTOR_BYTES == 0
 
 
 def torch_chunk_rows(v: int, device: torch.device) -> int:

@@ -440,8 +440,17 @@ def ptx(fn, signature, constexprs, num_warps, num_stages=3):
         mod = stages[name](mod, {})
     return mod
 
-# the launch parameters of kernels.linear_token_logprobs.linear_launch on a GPU
-for dt, (bn, bv, bd, warps, stages), prec in (("bf16", (128, 128, 64, 8, 3), "tf32"), ("fp32", (64, 128, 32, 8, 2), "ieee")):
+import torch
+from bench.compile_report import recording
+from kernels.linear_token_logprobs import linear_launch
+
+def launched(dtype, backward):  # (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages) of linear_launch on a 132-SM GPU
+    with recording():
+        c = linear_launch(16384, 151936, dtype, torch.device("cuda"), False, backward=backward)
+    return c.block_n, c.block_v, c.block_d, c.num_warps, c.num_stages
+
+for dt, dtype, prec in (("bf16", torch.bfloat16, "tf32"), ("fp32", torch.float32, "ieee")):
+    bn, bv, bd, warps, stages = launched(dtype, False)
     common = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "targets_ptr": "*i64"}
     for has_bias in (True, False) if dt == "bf16" else (False,):
         out = ptx(_linear_token_logprobs_fwd_kernel, {**common, "part_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
@@ -452,6 +461,7 @@ for dt, (bn, bv, bd, warps, stages), prec in (("bf16", (128, 128, 64, 8, 3), "tf
         if dt == "bf16":
             assert "wgmma" in out, "the forward logits tile does not use Hopper tensor cores (wgmma)"
     variants = ((True, True, True, True), (False, True, True, False)) if dt == "bf16" else ((True, True, True, False),)
+    bn, bv, bd, warps, stages = launched(dtype, True)
     for has_h, dh, dw, db in variants:
         out = ptx(_linear_token_logprobs_bwd_kernel, {**common, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "g_ptr": "*fp32",
             "hc_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
@@ -459,7 +469,7 @@ for dt, (bn, bv, bd, warps, stages), prec in (("bf16", (128, 128, 64, 8, 3), "tf
             "COMPUTE_DH": "constexpr", "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "DOT_PRECISION": "constexpr",
             "UPCAST": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "GROUP_N": "constexpr"},
             {"HAS_BIAS": db, "HAS_H": has_h, "COMPUTE_DH": dh, "COMPUTE_DW": dw, "COMPUTE_DB": db, "DOT_PRECISION": prec,
-             "UPCAST": False, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8}, warps, 2)
+             "UPCAST": False, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8}, warps, stages)
         assert "red.global" in out or "atom.global" in out, "d hidden / d weight are not accumulated atomically"
         if dt == "bf16":
             assert "wgmma" in out or "mma.sync" in out, "the backward dots do not use tensor cores"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from gold import gold_logprobs
 
 from kernels import reference, token_logprobs, utils
@@ -288,3 +290,68 @@ def test_gpu_row_offsets_beyond_2_31():
     assert_close(logp[rows], g_logp, dtype=F32, name="logp (last rows)")
     assert_close(x.grad[rows], g_grad, dtype=BF16, name="d logits (last rows)")
     assert (x.grad[: n - 4] == 0).all()
+
+
+@triton.jit
+def _segments_kernel(x_ptr, out_ptr, stride, V, VEC: tl.constexpr):
+    row = tl.program_id(0)
+    head, body = utils.row_segments(x_ptr + row * stride, V, VEC)
+    tl.store(out_ptr + row * 2, head)
+    tl.store(out_ptr + row * 2 + 1, body)
+    cols, mask = utils.edge_columns(head, body, V, VEC)
+    tl.store(out_ptr + 2 * tl.num_programs(0) + row * 2 * VEC + tl.arange(0, 2 * VEC), tl.where(mask, cols, -1))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("v", "pad", "offset"), [(1, 0, 0), (5, 2, 1), (97, 0, 0), (1003, 13, 3), (151_665, 0, 0)])
+def test_row_segments_split_rows_at_16_byte_boundaries(v, pad, offset, dtype):
+    """The vectorised body of every row starts on a 16-byte boundary and is whole vectors; head and tail
+    (the edge lanes) are exactly the other columns, each shorter than a vector. The kernels' vector-load
+    hints (`tl.multiple_of(row_ptr + head, 16)`) rest on this; the interpreter ignores hints, so it is
+    checked here on the addresses themselves."""
+    n = 6
+    buf = torch.zeros(n, v + pad + offset, dtype=dtype)
+    x = buf[:, offset : offset + v]
+    vec = utils.vector_elems(dtype)
+    out = torch.full((2 * n + n * 2 * vec,), -7, dtype=torch.int64)
+    _segments_kernel[(n,)](x, out, x.stride(0), v, VEC=vec)
+    item = x.element_size()
+    for row in range(n):
+        head, body = out[2 * row].item(), out[2 * row + 1].item()
+        addr = x.data_ptr() + row * x.stride(0) * item
+        assert 0 <= head < vec and body % vec == 0 and 0 <= v - head - body < vec, (row, head, body)
+        if body:
+            assert (addr + head * item) % 16 == 0, (row, head)
+        edge = out[2 * n + row * 2 * vec : 2 * n + (row + 1) * 2 * vec]
+        assert sorted(c for c in edge.tolist() if c >= 0) == [*range(head), *range(head + body, v)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
+@pytest.mark.parametrize(
+    ("n", "v", "offset", "dtype"),
+    [(5, 1003, 3, F32), (5, 1003, 3, BF16), (9, 1003, 0, BF16), (2, 151_665, 0, BF16)],
+    ids=["1003+3-fp32", "1003+3-bf16", "1003-bf16", "151665-bf16"],
+)
+def test_triton_rows_at_any_alignment_match_gold(n, v, offset, dtype, inplace):
+    """V not a multiple of the vector width (Qwen's 151 665 among them), rows starting at every 16-byte
+    phase (a column offset into a wider buffer), several body blocks, head and tail: forward and backward
+    against the gold, with d logits in a fresh buffer (other row phase) or in the logits buffer."""
+    logits, targets = make(n, v, dtype, seed=v)
+    buf = torch.zeros(n, v + offset + 5, dtype=dtype)
+    buf[:, offset : offset + v] = logits
+    leaf = buf.requires_grad_()
+    cols = slice(offset, offset + v)
+    x = (leaf * 1)[:, cols] if inplace else leaf[:, cols]  # in place: a non-leaf view the backward may reuse
+    g = torch.Generator().manual_seed(1)
+    gl, gh = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    lp, ent = token_logprobs(x, targets, temperature=0.9, return_entropy=True, impl="triton", inplace_backward=inplace)
+    ((gl * lp).sum() + (gh * ent).sum()).backward()
+    g_logp, g_ent, g_grad = gold_logprobs(logits, targets, 0.9, gl, gh)
+    assert_close(lp, g_logp, dtype=F32, name="logp")
+    assert_close(ent, g_ent, dtype=F32, name="entropy")
+    assert_close(leaf.grad[:, cols], g_grad, dtype=dtype, name="d logits")
+    assert (leaf.grad[:, :offset] == 0).all() and (leaf.grad[:, offset + v :] == 0).all()
+    if inplace:
+        assert torch.equal(x.detach(), leaf.grad[:, cols]), "the gradient must live in the logits buffer"
