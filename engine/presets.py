@@ -328,8 +328,9 @@ def smollm2(run_dir: str = "runs/smollm2") -> RunConfig:
     Measured base model (exact probabilities of the constrained softmax, 30 toy queries, seed 0): expected
     success 0.59 (python queries 0.99, search 0.49, calculator 0.29: it prefers python for arithmetic);
     answering directly without tools, 0 of 8. After this preset's 20 steps the same 30 queries (which
-    training, seeds 1-20, never drew) give 1.000 (calculator 0.999). Curve (bench/results/smollm2-cpu-curve.json, 2-core CPU under load): success 0.78 over
-    the first 5 steps, 1.00 over the last 5; every group has zero variance from step 5 on.
+    training, seeds 1-20, never drew) give 1.000 (calculator 0.999). Curve: success 0.78 over the first
+    5 steps, 1.00 over the last 5; every group has zero variance from step 5 on
+    (bench/results/smollm2-cpu-curve.json, 2-core CPU under load).
     B = 3 queries (one of each kind) × G = 4 keeps a step near a minute on 2 busy cores (a step's update
     is a forward and backward of the whole 135M model over ~1400 prompt tokens). lr 3e-5: at 1e-4 the
     policy moved onto the end-of-turn token within 4 steps (25% invalid actions, success 0.25).
