@@ -31,6 +31,10 @@ is sampled under constrained decoding over the tool tokens and the end-of-turn t
 (`Planner.allowed_token_ids`), and its response is parsed strictly: valid iff it is exactly one
 tool token, optionally followed by one end-of-turn token. The planner writes no sub-goal: the
 sub-goal is the query itself, from which the (rule) executor derives the tool's command.
+"tool_prefix" is the same action for a pretrained tokenizer whose tool names span several tokens
+(SmolLM2 splits "calculator" into "calcul" + "ator"): each tool name's first token stands for the
+tool (the token the model emits first when it writes that name), so the first tokens must be
+distinct; the constrained decoding, the one-token response and its strict parsing are unchanged.
 
 Variants (chosen by `AgentConfig.executor/verifier/generator`; "llm" is the default):
 
@@ -90,6 +94,23 @@ def tool_token_ids(tokenizer: Any, tool_names: Sequence[str]) -> dict[int, str]:
                 f"(engine.tiny.TinyConfig(extra_tokens=...)) or use planner_format='text'"
             )
         out[int(ids[0])] = name
+    return out
+
+
+def tool_prefix_ids(tokenizer: Any, tool_names: Sequence[str]) -> dict[int, str]:
+    """{first token id of the name: tool name}; an error when two names start with the same token."""
+    out: dict[int, str] = {}
+    for name in tool_names:
+        ids = tokenizer.encode(name, add_special_tokens=False)
+        if not ids or tokenizer.decode(ids) != name:
+            raise ValueError(f"tool name {name!r} does not round-trip through the tokenizer (ids {ids[:8]})")
+        first = int(ids[0])
+        if first in out:
+            raise ValueError(
+                f"planner_format='tool_prefix' needs tool names with distinct first tokens, but {out[first]!r} and "
+                f"{name!r} both start with token {first}; use planner_format='text'"
+            )
+        out[first] = name
     return out
 
 
@@ -326,6 +347,15 @@ class ToolTokenFormat:
         return parse_tool_token(generation.token_ids, self.tool_tokens, self.stop, memory.query)
 
 
+class ToolPrefixFormat(ToolTokenFormat):
+    """One token standing for a tool (its name's first token), sampled like `ToolTokenFormat`'s."""
+
+    def __init__(self, tokenizer: Any, tool_names: Sequence[str], stop: Sequence[int]) -> None:
+        self.tool_tokens = tool_prefix_ids(tokenizer, tool_names)
+        self.stop = tuple(stop)
+        self.allowed_token_ids = (*self.tool_tokens, *(t for t in self.stop if t not in self.tool_tokens))
+
+
 AGENTFLOW_SYSTEM = "You are the planner of a tool-using agent; you plan one tool call at a time."
 ANALYSIS_SYSTEM = "You are the query analyst of a tool-using agent."
 
@@ -388,6 +418,7 @@ class AgentFlowFormat:
 PLANNER_FORMATS: dict[str, type[TextFormat] | type[ToolTokenFormat] | type[AgentFlowFormat]] = {
     "text": TextFormat,
     "tool_token": ToolTokenFormat,
+    "tool_prefix": ToolPrefixFormat,
     "agentflow": AgentFlowFormat,
 }
 

@@ -83,7 +83,7 @@ class AgentConfig:
     context_budget: int = 4096
     tool_result_chars: int = 600  # a tool result is cut to this many characters before entering memory
     tools: tuple[str, ...] = TOOL_NAMES
-    planner_format: str = "text"  # "text" (Tool/Sub-goal lines) or "tool_token" (see agentflow.agents)
+    planner_format: str = "text"  # "text", "tool_token", "tool_prefix" or "agentflow" (see agentflow.agents)
     executor: str = "llm"  # "llm" or "rule" (see agentflow.agents)
     verifier: str = "llm"
     generator: str = "llm"

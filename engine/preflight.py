@@ -128,7 +128,8 @@ def check_model_dir(path: str | Path) -> Path:
     if not p.exists():
         raise UsageError(
             f"model directory {p} does not exist; pass a local Hugging Face model directory "
-            f"(or build a tiny one with `flowgrpo make-tiny {p}`)"
+            f"(build SmolLM2 with `make model` or `flowgrpo make-model smollm2-135m-instruct {p}`, "
+            f"or a tiny one with `flowgrpo make-tiny {p}`)"
         )
     if not p.is_dir():
         raise UsageError(f"model path {p} is a file; pass the directory holding config.json and *.safetensors")

