@@ -366,10 +366,11 @@ class TrainLoop:
     def header(self) -> list[str]:
         mc, tc = self.config.model, self.config.task
         nv = nvml()
+        arch = mc.arch if self.model_dir is None else self.model.config.model_type  # a --model dir names its own
         return [
             f"flowgrpo train · preset {self.config.preset} · run dir {self.run_dir} · "
             f"steps {self.start_step}..{self.config.steps}",
-            f"  model   {mc.arch} ({self.num_params / 1e6:.2f}M params, {mc.dtype}) on {self.device}"
+            f"  model   {arch} ({self.num_params / 1e6:.2f}M params, {mc.dtype}) on {self.device}"
             + (f" from {self.model_dir}" if self.model_dir else ""),
             f"  task    {tc.data or tc.name}: {tc.queries_per_step} queries x G={tc.group_size} per step",
             "  memory  nvml " + ("ok" if nv.reason is None else f"unavailable ({nv.reason})"),
