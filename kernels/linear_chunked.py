@@ -35,9 +35,10 @@ forward. Forward: per chunk the GEMM and `token_logprobs`' row kernel (lse, logp
 chunk the GEMM again, `_linear_chunked_logprobs_bwd_kernel` (dZ from g, h and the saved lse, H, over Z
 as above) and the two gradient GEMMs: 8·N·V·d like the fused kernel, on cuBLAS and without atomics.
 
-Torch twin (impl="torch", the path without CUDA): the same chunks and GEMMs, the epilogue as
-`token_logprobs_fwd_torch` + `token_stats_torch` + `token_logprobs_bwd_torch` on the chunk, dZ kept
-in float32. Without CUDA there is no mixed-dtype GEMM: bf16/fp16 products run on float32 copies
+Torch twin (impl="torch", the path without CUDA): the same chunks and GEMMs; the loss epilogue as
+whole-chunk torch ops (log-sum-exp, log p in place, p, entropy, `token_stats_torch`, dZ over p or
+log p: two [C, V] buffers), the log-prob ops' as `token_logprobs_fwd_torch` / `_bwd_torch`; dZ stays
+float32. Without CUDA there is no mixed-dtype GEMM: bf16/fp16 products run on float32 copies
 (exact), the weight's made once per call (4·V·d bytes).
 
 The default algorithm per device kind is `DEFAULT_ALGORITHM` (measured; see there).
@@ -55,13 +56,13 @@ import triton.language as tl
 
 from kernels.loss_common import STATS, WLOSS, LossConfig, grad_coefficients, token_stats_torch, write_token_stats
 from kernels.token_logprobs import launch_config, token_logprobs_bwd_torch, token_logprobs_fwd, token_logprobs_fwd_torch
-from kernels.utils import output_buffer, row_logsumexp_entropy
+from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy
 from kernels.validation import is_interpreted
 
 ALGORITHMS = ("auto", "fused", "chunked")
 # algorithm="auto" per device kind. cpu: see the module docstring of bench.kernels and the report of
 # issue #17 for the measurement; cuda: the fused kernels until a GPU measures both (none has yet).
-DEFAULT_ALGORITHM = {"cpu": "fused", "cuda": "fused"}
+DEFAULT_ALGORITHM = {"cpu": "chunked", "cuda": "fused"}
 # Budget of the float32 [C, V] chunk: on CUDA a fraction of the free memory, at most CHUNK_MAX_BYTES_CUDA;
 # on the CPU a fixed budget (read at call time: tests lower it to force chunk boundaries).
 CHUNK_BYTES_CPU = 32 << 20
@@ -327,8 +328,7 @@ def linear_flow_grpo_loss_chunked_fwd(
                     z, dz, sl.start, targets, old_logprobs, advantages, ref_logprobs, weights, stats, config, grad
                 )
             else:
-                dz = z
-                _loss_epilogue_torch(
+                dz = _loss_epilogue_torch(
                     z, sl, targets, old_logprobs, advantages, ref_logprobs, weights, stats, config, grad
                 )
             if grad:
@@ -366,16 +366,33 @@ def _loss_epilogue(z, dz, row0, targets, old, adv, ref, weights, stats, config: 
     )
 
 
-def _loss_epilogue_torch(z, sl, targets, old, adv, ref, weights, stats, config: LossConfig, grad: bool) -> None:
-    """Torch twin of `_linear_chunked_loss_fwd_kernel` over the chunk `z` (batch rows `sl`), dZ float32 in place."""
-    t = targets[sl]
-    logp, entropy, lse = token_logprobs_fwd_torch(z, t, temperature=config.temperature, with_entropy=True)
+def _loss_epilogue_torch(z, sl, targets, old, adv, ref, weights, stats, config: LossConfig, grad: bool):
+    """Torch twin of `_linear_chunked_loss_fwd_kernel` over the chunk `z` (batch rows `sl`): writes the stats
+    and returns float32 dZ (in z's buffer or in a second one of its size; z is overwritten)."""
+    inv_t = 1.0 / config.temperature
+    v = z.shape[1]
+    t = targets[sl].long()
+    valid = (t >= 0) & (t < v)
+    t_safe = torch.where(valid, t, 0).unsqueeze(1)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    lse = torch.logsumexp(z, dim=1)  # NaN for a NaN logit, inf for +inf: caught from logp by the value checks
+    logp = torch.where(valid, z.gather(1, t_safe).squeeze(1) - lse, float("nan"))  # out of range → NaN
+    log_p = z.sub_(lse.unsqueeze(1))
+    p = torch.exp(log_p)  # [rows, V]
+    # log p < −1e4 only where p is 0 in float32: the floor keeps p·log p = 0 there (not 0·−inf)
+    entropy = -torch.linalg.vecdot(p, log_p.clamp_min_(LOGP_FLOOR))
     w = weights[sl]
     chunk_stats = token_stats_torch(logp, lse, entropy, old[sl], adv[sl], None if ref is None else ref[sl], w, config)
     stats[:, sl] = chunk_stats
-    if grad:
-        g, h = grad_coefficients(chunk_stats, w, 1.0, config.entropy_coef)
-        token_logprobs_bwd_torch(z, t, lse, entropy, g, h, temperature=config.temperature, inplace=True)
+    if not grad:
+        return None
+    g, h = grad_coefficients(chunk_stats, w, 1.0, config.entropy_coef)
+    if h is None:
+        dz = p.mul_((-inv_t * g).unsqueeze(1))  # −g p / T
+    else:  # −p (g + h (log p + H)) / T
+        dz = log_p.add_(entropy.unsqueeze(1)).mul_(h.unsqueeze(1)).add_(g.unsqueeze(1)).mul_(p).mul_(-inv_t)
+    return dz.scatter_add_(1, t_safe, torch.where(valid, g * inv_t, 0.0).unsqueeze(1))  # + g onehot / T
 
 
 class LinearChunkedLossFunction(torch.autograd.Function):
