@@ -60,12 +60,17 @@ from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy
 from kernels.validation import is_interpreted
 
 ALGORITHMS = ("auto", "fused", "chunked")
-# algorithm="auto" per device kind. cpu: see the module docstring of bench.kernels and the report of
-# issue #17 for the measurement; cuda: the fused kernels until a GPU measures both (none has yet).
+# algorithm="auto" per device kind, by measurement. cpu: chunked, `flowgrpo bench kernels` on the 2-core dev
+# machine (float32, torch 2.13.0+cpu, 2 threads, other jobs running): 4096x64x32000 fused 15.0 s, chunked
+# 7.5 s (Liger 33.4 s, materialize 15.0 s); 256x1536x151936 fused 49.7 s, chunked 28.9 s (Liger 27.0 s,
+# materialize 20.8 s). cuda: the fused kernels until a GPU measures both (none has yet).
 DEFAULT_ALGORITHM = {"cpu": "chunked", "cuda": "fused"}
 # Budget of the float32 [C, V] chunk: on CUDA a fraction of the free memory, at most CHUNK_MAX_BYTES_CUDA;
 # on the CPU a fixed budget (read at call time: tests lower it to force chunk boundaries).
 CHUNK_BYTES_CPU = 32 << 20
+# ... but at least this many rows: each chunk streams the whole weight through three GEMMs (at the 1.5B head,
+# 256 tokens, fp32, 1 thread: 28.1 s with 55-row chunks, 24.9 s with one 256-row chunk)
+CHUNK_MIN_ROWS_CPU = 256
 CHUNK_MAX_BYTES_CUDA = 2 << 30
 CHUNK_FREE_FRACTION_CUDA = 0.25
 CHUNK_ROW_MULTIPLE_CUDA = 128  # whole GEMM tiles per chunk
@@ -81,7 +86,8 @@ def resolve_algorithm(algorithm: str, device: torch.device) -> str:
 
 
 def chunk_rows(n: int, v: int, device: torch.device) -> int:
-    """Rows C of a chunk: the float32 [C, V] buffer within the budget (at least one row, at most N)."""
+    """Rows C of a chunk: the float32 [C, V] buffer within the budget (on the CPU at least
+    `CHUNK_MIN_ROWS_CPU`), at least one row, at most N."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(CHUNK_MAX_BYTES_CUDA, int(free * CHUNK_FREE_FRACTION_CUDA))
@@ -89,7 +95,7 @@ def chunk_rows(n: int, v: int, device: torch.device) -> int:
         if rows >= CHUNK_ROW_MULTIPLE_CUDA:
             rows -= rows % CHUNK_ROW_MULTIPLE_CUDA
     else:
-        rows = CHUNK_BYTES_CPU // (4 * v)
+        rows = max(CHUNK_BYTES_CPU // (4 * v), CHUNK_MIN_ROWS_CPU)
     return max(1, min(n, rows))
 
 
@@ -376,10 +382,17 @@ def _loss_epilogue_torch(z, sl, targets, old, adv, ref, weights, stats, config: 
     t_safe = torch.where(valid, t, 0).unsqueeze(1)
     if inv_t != 1.0:
         z.mul_(inv_t)
-    lse = torch.logsumexp(z, dim=1)  # NaN for a NaN logit, inf for +inf: caught from logp by the value checks
-    logp = torch.where(valid, z.gather(1, t_safe).squeeze(1) - lse, float("nan"))  # out of range → NaN
-    log_p = z.sub_(lse.unsqueeze(1))
-    p = torch.exp(log_p)  # [rows, V]
+    # log-sum-exp without a third [rows, V] buffer; a NaN or +inf logit makes the row's logp NaN, which the
+    # value checks catch
+    m = z.amax(dim=1)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    p = torch.exp(z.sub_(m.unsqueeze(1)))  # [rows, V], unnormalised
+    s = p.sum(dim=1)
+    log_s = torch.log(s)
+    lse = m + log_s
+    logp = torch.where(valid, z.gather(1, t_safe).squeeze(1) - log_s, float("nan"))  # out of range → NaN
+    log_p = z.sub_(log_s.unsqueeze(1))
+    p.div_(s.unsqueeze(1))
     # log p < −1e4 only where p is 0 in float32: the floor keeps p·log p = 0 there (not 0·−inf)
     entropy = -torch.linalg.vecdot(p, log_p.clamp_min_(LOGP_FLOOR))
     w = weights[sl]

@@ -38,6 +38,7 @@ def chunk_of(monkeypatch):
 
     def set_rows(rows: int, v: int) -> None:
         monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", rows * 4 * v)
+        monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 1)
         assert lc.chunk_rows(10_000, v, torch.device("cpu")) == rows
 
     return set_rows
@@ -233,6 +234,9 @@ def test_algorithm_choice():
 def test_chunk_rows_budget(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", 4 * 1000 * 37 + 5)
+    monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 1)
     assert lc.chunk_rows(1000, 1000, cpu) == 37
     assert lc.chunk_rows(20, 1000, cpu) == 20  # never more than N
     assert lc.chunk_rows(20, 10**9, cpu) == 1  # at least one row
+    monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 50)
+    assert lc.chunk_rows(1000, 1000, cpu) == 50 and lc.chunk_rows(20, 1000, cpu) == 20
