@@ -61,9 +61,9 @@ from kernels.validation import is_interpreted
 
 ALGORITHMS = ("auto", "fused", "chunked")
 # algorithm="auto" per device kind, by measurement. cpu: chunked, `flowgrpo bench kernels` on the 2-core dev
-# machine (float32, torch 2.13.0+cpu, 2 threads, other jobs running): 4096x64x32000 fused 15.0 s, chunked
-# 7.5 s (Liger 33.4 s, materialize 15.0 s); 256x1536x151936 fused 49.7 s, chunked 28.9 s (Liger 27.0 s,
-# materialize 20.8 s). cuda: the fused kernels until a GPU measures both (none has yet).
+# machine (float32, torch 2.13.0+cpu, 2 threads, other jobs running): 4096x64x32000 fused 7.0 s, chunked
+# 3.2 s (Liger 9.4 s, materialize 6.5 s); 256x1536x151936 (55-row chunks then) fused 49.7 s, chunked 28.9 s
+# (Liger 27.0 s, materialize 20.8 s). cuda: the fused kernels until a GPU measures both (none has yet).
 DEFAULT_ALGORITHM = {"cpu": "chunked", "cuda": "fused"}
 # Budget of the float32 [C, V] chunk: on CUDA a fraction of the free memory, at most CHUNK_MAX_BYTES_CUDA;
 # on the CPU a fixed budget (read at call time: tests lower it to force chunk boundaries).
