@@ -24,7 +24,9 @@ the largest block and with the default loss at the others. LM-head ops: N = 64 (
 splits) and 16 384 (one split), d = 256 (as 1536 or 3584: a runtime integer, a multiple of 16),
 V = 151 936, with and without bias; the backward with
 every combination of gradients autograd can ask for (d hidden, d weight, d bias) and with and
-without the entropy term. Simplification: the loss flags are not crossed with the small logits
+without the entropy term. The chunked algorithm's epilogues (`kernels.linear_chunked`): 8 rows,
+d = 256, V = 151 936 and 151 665, the loss epilogue with and without the gradient, with the entropy
+term and for every (ref, dual clip), and the log-prob backward with and without it. Simplification: the loss flags are not crossed with the small logits
 blocks (the flags change a per-row epilogue after the row loop; the loop is what the block sizes
 change).
 
@@ -55,6 +57,7 @@ OP_MODULES = (
     "kernels.flow_grpo_loss",
     "kernels.linear_token_logprobs",
     "kernels.linear_flow_grpo_loss",
+    "kernels.linear_chunked",
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGITS_N = 8
@@ -63,6 +66,7 @@ LOGITS_VS = (*(2**k for k in range(7, 14)), 151_936, 151_665)
 # Qwen2.5's 1536 / 3584, so a small one keeps the float32 d weight buffer the launcher allocates small.
 LINEAR_D, LINEAR_V = 256, 151_936
 LINEAR_NS = (64, 16_384)
+CHUNKED_N, CHUNKED_VS = 8, (151_936, 151_665)
 COLUMNS = (
     "kernel",
     "dtype",
@@ -165,6 +169,11 @@ def record_launches(dtypes: tuple[torch.dtype, ...] | None = None) -> list[Launc
     return what they launched."""
     from kernels import LossConfig
     from kernels.flow_grpo_loss import flow_grpo_loss_fwd
+    from kernels.linear_chunked import (
+        linear_flow_grpo_loss_chunked_fwd,
+        linear_token_logprobs_chunked_bwd,
+        linear_token_logprobs_chunked_fwd,
+    )
     from kernels.linear_flow_grpo_loss import linear_flow_grpo_loss_fwd
     from kernels.linear_token_logprobs import linear_token_logprobs_bwd, linear_token_logprobs_fwd
     from kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
@@ -212,9 +221,33 @@ def record_launches(dtypes: tuple[torch.dtype, ...] | None = None) -> list[Launc
                             linear_token_logprobs_bwd(
                                 hidden, weight, bias, targets, lse, ent, g, hh, temperature=1.0, needs=needs
                             )
+            _record_chunked(dtype, losses, case, linear_flow_grpo_loss_chunked_fwd, linear_token_logprobs_chunked_fwd,
+                            linear_token_logprobs_chunked_bwd)  # fmt: skip
     for launch in sink:
         launch.case = f"{launch.case} {_flags(launch.kwargs)}".strip()
     return sink
+
+
+def _record_chunked(dtype, losses, case, loss_fwd, logprobs_fwd, logprobs_bwd) -> None:
+    """The chunked algorithm's epilogues (`kernels.linear_chunked`): N = CHUNKED_N rows (one chunk; the
+    grid is one program per row of a chunk, so N changes nothing compiled), d = LINEAR_D, V = 151 936 and
+    151 665; the loss with and without the gradient, with the entropy term, and every (ref, dual clip)."""
+    from kernels import LossConfig
+
+    n = CHUNKED_N
+    lse, ent, g, h, old, w = (_empty(n) for _ in range(6))
+    targets = torch.zeros(n, dtype=torch.long)
+    for v in CHUNKED_VS:
+        hidden, weight = _empty(n, LINEAR_D, dtype=dtype), _empty(v, LINEAR_D, dtype=dtype)
+        case[0] = f"chunked N={n} d={LINEAR_D} V={v}"
+        for loss in [*losses[::3], LossConfig(entropy_coef=0.01)]:
+            ref = old if loss.kl_coef else None
+            for needs in ((True, True, False), (False, False, False)):
+                loss_fwd(hidden, weight, None, targets, old, old, ref, w, loss, needs=needs, impl="triton")
+        logprobs_fwd(hidden, weight, None, targets, impl="triton")
+        for hh in (h, None):
+            logprobs_bwd(hidden, weight, None, targets, lse, ent, g, hh, temperature=1.0, needs=(True, True, False),
+                         impl="triton")  # fmt: skip
 
 
 def _needs(has_bias: bool) -> list[tuple[bool, bool, bool]]:

@@ -13,7 +13,13 @@ against the roofline measured in the same run (`bench.roofline`: copy GB/s, matm
 with b the bytes per logit; "% roof" is GB/s over copy GB/s for the logits ops and TFLOP/s over matmul
 TFLOP/s for the LM-head ops. Providers:
 
-    ours         `kernels.*`, impl="auto": Triton on CUDA, the chunked torch path on CPU
+    ours         `kernels.*`, impl="auto": Triton on CUDA, the chunked torch path on CPU; for the linear ops
+                 also algorithm="auto" (`kernels.linear_chunked.DEFAULT_ALGORITHM`, recorded as the row's
+                 "algorithm")
+    fused        linear ops, algorithm="fused": the fused Triton kernels (`kernels.linear_token_logprobs`)
+    chunked      linear ops, algorithm="chunked": cuBLAS GEMMs per chunk of rows with the in-place epilogue
+                 that forms d logits in the forward (`kernels.linear_chunked`); by default each linear op
+                 runs ours and whichever of fused / chunked ours is not
     reference    `kernels.reference`: eager, float32 upcast of the logits, autograd (what RL frameworks do)
     compiled     `torch.compile` of the reference (default on CUDA; opt-in on CPU, where compiling takes minutes)
     materialize  linear ops: the LM head as a matmul, then the fused `kernels.token_logprobs` /
@@ -47,6 +53,7 @@ a spill in a bfloat16 configuration or more than 228 KiB of shared memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -61,6 +68,7 @@ from bench import report, roofline
 from bench.harness import BenchRow, format_table, run_case
 from bench.roofline import Roofline
 from kernels import reference
+from kernels.linear_chunked import resolve_algorithm
 from kernels.testing import assert_close, max_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,6 +208,10 @@ def _linear_loss_provider(fn: Callable[..., kernels.LossOutput]) -> Provider:
     return run
 
 
+def _algorithm(fn: Callable[..., Any], algorithm: str) -> Callable[..., Any]:
+    return functools.partial(fn, algorithm=algorithm)
+
+
 def _materialized_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return kernels.token_logprobs(F.linear(hidden, weight), targets)
 
@@ -334,6 +346,7 @@ def _linear_bytes(shape: Shape, dtype: torch.dtype, passes: int) -> int:
 
 
 _LIGER_LOSS = _liger_linear_loss_provider()
+ALGORITHMS = ("fused", "chunked")  # the two LM-head algorithms, each a provider of the linear ops
 
 OPS: dict[str, OpSpec] = {
     "token_logprobs": OpSpec(
@@ -366,6 +379,7 @@ OPS: dict[str, OpSpec] = {
         make_inputs=_linear_inputs,
         providers={
             "ours": _linear_logprobs_provider(kernels.linear_token_logprobs),
+            **{a: _linear_logprobs_provider(_algorithm(kernels.linear_token_logprobs, a)) for a in ALGORITHMS},
             "materialize": _linear_logprobs_provider(_materialized_logprobs),
             "reference": _linear_logprobs_provider(reference.linear_token_logprobs),
             "compiled": _linear_logprobs_provider(_compiled(reference.linear_token_logprobs)),
@@ -382,6 +396,7 @@ OPS: dict[str, OpSpec] = {
         make_inputs=_linear_loss_inputs,
         providers={
             "ours": _linear_loss_provider(kernels.linear_flow_grpo_loss),
+            **{a: _linear_loss_provider(_algorithm(kernels.linear_flow_grpo_loss, a)) for a in ALGORITHMS},
             "materialize": _linear_loss_provider(_materialized_loss),
             "reference": _linear_loss_provider(reference.linear_flow_grpo_loss),
             "compiled": _linear_loss_provider(_compiled(reference.linear_flow_grpo_loss)),
@@ -394,13 +409,18 @@ OPS: dict[str, OpSpec] = {
         expected=_float32_inputs(_linear_loss_provider(reference.linear_flow_grpo_loss)),
     ),
 }
-PROVIDERS = ("ours", "materialize", "reference", "compiled", "liger")
+PROVIDERS = ("ours", *ALGORITHMS, "materialize", "reference", "compiled", "liger")
 
 
 def default_providers(spec: OpSpec, device: torch.device) -> list[str]:
-    """The op's defaults, plus torch.compile on CUDA (on CPU compiling takes minutes) and Liger where installed."""
+    """The op's defaults (for the linear ops, after ours the LM-head algorithm ours does not run on this
+    device), plus torch.compile on CUDA (on CPU compiling takes minutes) and Liger where installed."""
+    names = list(spec.default_providers)
+    if "chunked" in spec.providers:
+        ours = resolve_algorithm("auto", device)
+        names.insert(1, next(a for a in ALGORITHMS if a != ours))
     extra = ("compiled",) if device.type == "cuda" else ()
-    return [*spec.default_providers, *extra, *(("liger",) if "liger" in spec.providers else ())]
+    return [*names, *extra, *(("liger",) if "liger" in spec.providers else ())]
 
 
 def parse_shapes(text: str, tokens: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -457,21 +477,22 @@ def run(
                         raise AssertionError("no reference result to compare with (the reference ran out of memory)")
                     return spec.compare(out, expected, dtype)
 
-                rows.append(
-                    run_case(
-                        op=op_name,
-                        provider=provider,
-                        shape=shape,
-                        dtype=dtype,
-                        device=device,
-                        fn=lambda fn=fn, inp=inp: fn(inp),
-                        gate=gate,
-                        bytes_moved=spec.bytes_moved(shape, dtype),
-                        flops=None if spec.flops is None else spec.flops(shape),
-                        warmup=warmup,
-                        repeats=repeats,
-                    )
+                row = run_case(
+                    op=op_name,
+                    provider=provider,
+                    shape=shape,
+                    dtype=dtype,
+                    device=device,
+                    fn=lambda fn=fn, inp=inp: fn(inp),
+                    gate=gate,
+                    bytes_moved=spec.bytes_moved(shape, dtype),
+                    flops=None if spec.flops is None else spec.flops(shape),
+                    warmup=warmup,
+                    repeats=repeats,
                 )
+                if "chunked" in spec.providers and provider in ("ours", *ALGORITHMS):
+                    row.extra["algorithm"] = resolve_algorithm("auto" if provider == "ours" else provider, device)
+                rows.append(row)
             del inp, expected
     return rows
 

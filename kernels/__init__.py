@@ -11,7 +11,9 @@ reference in `kernels.reference`. This package imports only torch and triton.
                                                                               -> flow_grpo_loss of the same logits
 
 `LossConfig` holds the loss hyperparameters (validated once, on construction). The `linear_*` ops
-fuse the LM head and never materialise the [N, V] logits. Modules: one per op
+fuse the LM head and never materialise the [N, V] logits; `algorithm=` picks one of two LM-head
+algorithms, "fused" (`linear_token_logprobs`' kernels) or "chunked" (`linear_chunked`: cuBLAS GEMMs
+per chunk of rows and an in-place epilogue), "auto" the measured default of the device kind. Modules: one per op
 (`_<op>_fwd_kernel` → `<op>_fwd` / `<op>_bwd` → `<Op>Function` → `<op>()`), `loss_common` (what
 the two loss ops share), `utils` (what every op shares), `validation`, `reference`, `testing`.
 """

@@ -22,6 +22,10 @@ FLOPs: 2·N·V·d forward, 6·N·V·d backward (recomputed logits, d hidden, d w
 DESIGN.md's 8·N·V·d. The torch path (CPU, or impl="torch") runs the same math over row chunks
 (`linear_token_logprobs_fwd_torch` + `token_stats_torch`); its memory is bounded by the chunk.
 
+algorithm="chunked" runs the other LM-head algorithm instead, `kernels.linear_chunked` (chunks of
+rows through cuBLAS GEMMs and an in-place Triton epilogue that forms d logits in the forward);
+algorithm="auto" takes the measured default of the device kind (`DEFAULT_ALGORITHM` there).
+
 There is no `inplace_backward`: there is no logits buffer to reuse. With a tied embedding the
 `weight` passed is the embedding matrix itself; autograd adds the head's d weight to the
 embedding's gradient.
@@ -33,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.linear_chunked import LinearChunkedLossFunction, grad_needs, resolve_algorithm
 from kernels.linear_token_logprobs import (
     REDUCE_BLOCK_N,
     combine_splits,
@@ -227,6 +232,7 @@ def linear_flow_grpo_loss(
     cu_seqlens: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     impl: str = "auto",
+    algorithm: str = "auto",
 ) -> LossOutput:
     """Flow-GRPO loss on the logits `hidden @ weight.T + bias`, fused with the LM head (never [N, V]).
 
@@ -234,8 +240,12 @@ def linear_flow_grpo_loss(
     one float dtype; the other arguments (the hyperparameters in `config`) and the result are those of
     `kernels.flow_grpo_loss` (see `kernels.reference.flow_grpo_loss` for the definitions). `.loss` is
     differentiable with respect to hidden, weight and bias. impl: "auto" (Triton on CUDA, chunked torch
-    elsewhere), "triton" or "torch". Costs one device→host sync (metrics and the value checks together).
+    elsewhere), "triton" or "torch". algorithm: "fused" (this module's kernels), "chunked"
+    (`kernels.linear_chunked`: GEMMs and an in-place epilogue, the gradient formed in the forward) or
+    "auto" (`kernels.linear_chunked.DEFAULT_ALGORITHM` of the device kind). Costs one device→host sync
+    (metrics and the value checks together).
     """
+    algorithm = resolve_algorithm(algorithm, hidden.device)
     n, _, _ = check_linear(hidden, weight, bias)
     inp = prepare_loss_inputs(
         n,
@@ -249,9 +259,15 @@ def linear_flow_grpo_loss(
         ref_logprobs=ref_logprobs,
     )
     impl = resolve_impl(impl, hidden.device, _linear_flow_grpo_loss_fwd_kernel)
-    loss, stats = LinearFlowGRPOLossFunction.apply(
-        hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, config, impl
-    )
+    if algorithm == "chunked":
+        loss, stats = LinearChunkedLossFunction.apply(
+            hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, config, impl,
+            grad_needs(hidden, weight, bias),
+        )  # fmt: skip
+    else:
+        loss, stats = LinearFlowGRPOLossFunction.apply(
+            hidden, weight, bias, targets, inp.old, inp.adv, inp.ref, inp.weights, config, impl
+        )
 
     def diagnose(logp: torch.Tensor) -> None:
         raise_for_bad_linear_rows(

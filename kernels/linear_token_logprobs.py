@@ -80,6 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.linear_chunked import LinearChunkedLogprobsFunction, resolve_algorithm
 from kernels.token_logprobs import token_logprobs_bwd_torch
 from kernels.utils import LOGP_FLOOR, output_buffer, torch_chunk_bytes, unit_stride
 from kernels.validation import (
@@ -814,6 +815,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     impl: str = "auto",
+    algorithm: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float32 [N] log-probs of `targets` under softmax((hidden @ weight.T + bias) / T) (and the entropy
     [N] when asked), without materialising the [N, V] logits.
@@ -822,14 +824,19 @@ def linear_token_logprobs(
     all float32 / bfloat16 / float16 of one dtype; targets [N] int token ids in [0, V). Same result as
     `token_logprobs(hidden @ weight.T + bias, targets, ...)` with the product accumulated in float32;
     differentiable with respect to hidden, weight and bias. impl: "auto" (Triton on CUDA, chunked
-    torch elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". Raises ValueError
-    naming the rows for non-finite inputs or log-probs and out-of-range targets (one device→host sync).
+    torch elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". algorithm: "fused"
+    (this module's kernels), "chunked" (`kernels.linear_chunked`: per chunk of rows a cuBLAS GEMM and
+    a row pass, the logits recomputed in the backward) or "auto" (`DEFAULT_ALGORITHM` there). Raises
+    ValueError naming the rows for non-finite inputs or log-probs and out-of-range targets (one
+    device→host sync).
     """
+    algorithm = resolve_algorithm(algorithm, hidden.device)
     n, _, _ = check_linear(hidden, weight, bias)
     check_targets(targets, n, hidden.device)
     temperature = check_temperature(temperature)
     impl = resolve_impl(impl, hidden.device, _linear_token_logprobs_fwd_kernel)
-    out = LinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, temperature, bool(return_entropy), impl)
+    fn = LinearChunkedLogprobsFunction if algorithm == "chunked" else LinearTokenLogprobsFunction
+    out = fn.apply(hidden, weight, bias, targets, temperature, bool(return_entropy), impl)
     logp = out[0] if return_entropy else out
     if not bool(torch.isfinite(logp).all()):
         raise_for_bad_linear_rows(hidden.detach(), weight.detach(), _detach(bias), targets, logp.detach())

@@ -17,7 +17,7 @@ they obtain (lse, logp, H) per token; everything after that is here, once:
 
 * `write_token_stats` — loads a row's (or a block of rows') per-token inputs, evaluates
   `flow_grpo_token_terms` and stores the `STATS` (logp, lse, H, ratio, pg, kl, the clip indicators,
-  w·loss_t and g_t = w·d loss_t/d logp); `token_stats_torch` is its torch twin. The loss is Σ w·loss_t.
+  w·loss_t and g_t = w·d loss_t/d logp, which it also returns); `token_stats_torch` is its torch twin. The loss is Σ w·loss_t.
 * `aggregation_weights` — w [N] and the number of counted sequences as device tensors (no sync).
 * `prepare_loss_inputs` — every check of the per-token inputs and their device-side preparation
   (`LossInputs`); `finalize_metrics` (via `LossInputs.metrics`) — metrics and the value checks of
@@ -283,7 +283,9 @@ def write_token_stats(
     KL_TYPE: tl.constexpr,
 ):
     """Load the per-token inputs of `rows` (a row index or a block of them), evaluate
-    `flow_grpo_token_terms` and store the `STATS` columns of those rows (where `row_ok`)."""
+    `flow_grpo_token_terms` and store the `STATS` columns of those rows (where `row_ok`).
+
+    Returns g_t = w·d loss_t/d logp (the `DLOGP` column), for kernels that form d logits next."""
     old = tl.load(old_ptr + rows, mask=row_ok, other=0.0)
     adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
     ref = 0.0
@@ -316,7 +318,9 @@ def write_token_stats(
     tl.store(out + 6 * N, clipped.to(tl.float32), mask=row_ok)
     tl.store(out + 7 * N, lower.to(tl.float32), mask=row_ok)
     tl.store(out + 8 * N, tl.where(counted, w * loss, 0.0), mask=row_ok)
-    tl.store(out + 9 * N, tl.where(counted, w * dloss, 0.0), mask=row_ok)
+    g = tl.where(counted, w * dloss, 0.0)
+    tl.store(out + 9 * N, g, mask=row_ok)
+    return g
 
 
 def token_stats_torch(

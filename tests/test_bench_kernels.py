@@ -16,6 +16,7 @@ from bench import kernels as bench_kernels
 from bench import report
 from bench.harness import format_table, percentile
 from kernels import reference
+from kernels.linear_chunked import resolve_algorithm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,16 @@ def test_linear_ops_rows_against_materialize_and_reference():
         warmup=0,
         repeats=2,
     )
+    ours = resolve_algorithm("auto", torch.device("cpu"))
+    other = "fused" if ours == "chunked" else "chunked"  # both LM-head algorithms run by default
     assert [(r.op, r.provider) for r in rows] == [
-        *(("linear_token_logprobs", p) for p in ("ours", "materialize", "reference")),
-        *(("linear_flow_grpo_loss", p) for p in ("ours", "materialize", "reference", "liger")),
+        *(("linear_token_logprobs", p) for p in ("ours", other, "materialize", "reference")),
+        *(("linear_flow_grpo_loss", p) for p in ("ours", other, "materialize", "reference", "liger")),
     ]
     for r in rows:
         assert r.ok, r.error
+        if r.provider in ("ours", other):
+            assert r.extra["algorithm"] == (ours if r.provider == "ours" else other)
         assert r.shape == {"N": 17, "d": 32, "V": 97}
         assert r.flops == (2 if r.op == "linear_token_logprobs" else 8) * 17 * 32 * 97 and r.tflops > 0
         assert r.peak_mem_bytes > 0 and r.max_err < 1e-4

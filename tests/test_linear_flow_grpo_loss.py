@@ -29,7 +29,7 @@ import torch
 from gold import AGGS, CONFIGS, METRICS, config_id, gold_linear, gold_loss, loss_args, make_linear_inputs
 from test_linear_token_logprobs import force_small_blocks
 
-from kernels import LossConfig, LossOutput, flow_grpo_loss, linear_flow_grpo_loss, reference
+from kernels import LossConfig, LossOutput, flow_grpo_loss, linear_chunked, linear_flow_grpo_loss, reference
 from kernels.testing import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,12 @@ TRITON = pytest.param("triton", id="triton", marks=pytest.mark.interpreter)
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 PER_TOKEN = ("targets", "old_logprobs", "advantages", "loss_mask")
+
+
+@pytest.fixture(autouse=True)
+def _fused_algorithm(monkeypatch):
+    """This file tests the fused algorithm (tests/test_linear_chunked.py the chunked one): "auto" is fused here."""
+    monkeypatch.setitem(linear_chunked.DEFAULT_ALGORITHM, "cpu", "fused")
 
 
 def split(inp):
@@ -267,7 +273,8 @@ torch.set_num_threads(1)  # RSS does not depend on it; time on a shared machine 
 def status(key):
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
-fn = {"ours": lambda *a, **k: kernels.linear_flow_grpo_loss(*a, **k, impl="torch"),
+fn = {"fused": lambda *a, **k: kernels.linear_flow_grpo_loss(*a, **k, impl="torch", algorithm="fused"),
+      "chunked": lambda *a, **k: kernels.linear_flow_grpo_loss(*a, **k, impl="torch", algorithm="chunked"),
       "reference": reference.linear_flow_grpo_loss}[sys.argv[1]]
 
 def step(n, d, v):
@@ -305,11 +312,13 @@ def test_torch_path_peak_resident_memory():
     Peak RSS added by forward + backward (VmHWM after a reset, minus VmRSS before), measured in a
     fresh process on the 2-core dev machine (torch 2.13.0+cpu, one thread): ours 26-72 MiB over four
     runs (8 MiB logits blocks, a few alive at once, the float32 d weight of 8 MiB and d hidden of
-    1 MiB, and whatever the allocator keeps), the eager reference 2.5 GiB. The bound of 128 MiB is a
-    quarter of the float32 logits.
+    1 MiB, and whatever the allocator keeps), the eager reference 2.5 GiB. The chunked algorithm
+    (`kernels.linear_chunked`, 32 MiB logits chunks, the chunk and p alive at once): 106 MiB (fused
+    50 MiB in the same session). The bound of 128 MiB is a quarter of the float32 logits.
     """
-    ours = peak_rss_added("ours")
-    assert ours < 128 << 20, f"peak RSS added {ours / 2**20:.1f} MiB"
+    for algorithm in ("fused", "chunked"):
+        ours = peak_rss_added(algorithm)
+        assert ours < 128 << 20, f"{algorithm}: peak RSS added {ours / 2**20:.1f} MiB"
     ref = peak_rss_added("reference")  # the measure sees the [N, V] buffers: it can fail
     assert ref > 524 << 20, f"reference peak RSS added {ref / 2**20:.1f} MiB"
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from gold import gold_linear, gold_logprobs, make_linear_inputs
 
-from kernels import linear_token_logprobs, reference, utils
+from kernels import linear_chunked, linear_token_logprobs, reference, utils
 from kernels.testing import AllocationTracker, assert_close
 
 ltl_module = importlib.import_module("kernels.linear_token_logprobs")
@@ -35,6 +35,12 @@ TORCH = pytest.param("torch", id="torch")
 TRITON = pytest.param("triton", id="triton", marks=pytest.mark.interpreter)
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+
+
+@pytest.fixture(autouse=True)
+def _fused_algorithm(monkeypatch):
+    """This file tests the fused algorithm (tests/test_linear_chunked.py the chunked one): "auto" is fused here."""
+    monkeypatch.setitem(linear_chunked.DEFAULT_ALGORITHM, "cpu", "fused")
 
 
 def check(impl, n, d, v, dtype, *, temperature=0.8, return_entropy=True, with_bias=True, seed=0, device="cpu"):
