@@ -104,6 +104,7 @@ from engine.ranks import RANK_TIMING_FILE, RankLayout, single_process_metrics
 from engine.rollout.protocol import SamplingConfig
 from engine.timer import PhaseTimer
 from engine.trainer import Trainer
+from kernels.linear_chunked import resolve_algorithm
 
 BEST = "best"  # run_dir/best/checkpoints/step_N: the weights with the best validation accuracy so far
 VALIDATION_FILE = "validation.jsonl"  # one line per validation (including the one before training)
@@ -269,7 +270,11 @@ class TrainLoop:
                 "linear_token_logprobs (the fused LM-head loss)"
             )
         else:
-            self.notes.append(f"loss {trainer_cfg.loss_impl}")
+            algorithm = resolve_algorithm(trainer_cfg.lm_head_algorithm, self.device)  # "auto": measured per device
+            trainer_cfg = dataclasses.replace(trainer_cfg, lm_head_algorithm=algorithm)
+            self.notes.append(
+                f"loss {trainer_cfg.loss_impl}, LM head {algorithm} (asked: {config.trainer.lm_head_algorithm})"
+            )
         if self.ranks.tp > 1 and config.agent.schedule != "lockstep":
             config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, schedule="lockstep"))
             self.notes.append(

@@ -475,6 +475,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "search_top_k": ("agent", "search_top_k"),
     "lr": ("trainer", "lr"),
     "micro_batch_tokens": ("trainer", "micro_batch_tokens"),
+    "lm_head_algorithm": ("trainer", "lm_head_algorithm"),
     "kl_coef": ("trainer", "kl_coef"),
     "steps": ("", "steps"),
     "seed": ("", "seed"),

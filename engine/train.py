@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries-per-step", type=int, help="queries per step (B)")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--micro-batch-tokens", type=int, help="token budget of one packed micro-batch")
+    p.add_argument(
+        "--lm-head-algorithm",
+        choices=("auto", "fused", "chunked"),
+        help="fused loss's LM head: fused Triton kernels, chunked cuBLAS GEMMs + Triton epilogue, auto (per device)",
+    )
     p.add_argument("--kl-coef", type=float, help="KL coefficient (0: no reference model)")
     p.add_argument("--save-every", type=int, help="checkpoint every k steps (and at the last)")
     p.add_argument("--device", help="trainer device (default: cuda if available, else cpu)")
@@ -94,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The preset's RunConfig with the command line's overrides applied."""
     names = ("model", "device", "engine", "group_size", "queries_per_step", "data", "lr", "micro_batch_tokens")
+    names += ("lm_head_algorithm",)
     names += ("attention",)
     names += ("kl_coef", "steps", "seed", "run_dir", "trace_step", "save_every")
     names += ("helper", "helper_dir", "helper_url", "helper_model", "helper_api_key_env", "judge", "planner_format")

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ from kernels import LossConfig
 __all__ = ["TrainBatch", "Trainer", "TrainerConfig", "flops_per_token"]
 
 LOSS_IMPLS = ("fused", "reference")
+LM_HEAD_ALGORITHMS = ("auto", "fused", "chunked")  # kernels.linear_chunked.ALGORITHMS
 
 
 @dataclass
@@ -99,6 +101,7 @@ class TrainerConfig:
     temperature: float = 1.0
     tis_cap: float | None = None
     loss_impl: str = "fused"
+    lm_head_algorithm: str = "auto"  # fused's LM head: "fused" kernels, "chunked" GEMMs + epilogue, "auto" per device
     compute_dtype: str | None = None
     gradient_checkpointing: bool = False
     allowed_token_ids: tuple[int, ...] | None = None  # constrained decoding's action set (module doc)
@@ -120,6 +123,10 @@ class TrainerConfig:
             (self.micro_batch_tokens >= 2, f"micro_batch_tokens must be >= 2, got {self.micro_batch_tokens}"),
             (self.tis_cap is None or self.tis_cap > 0, f"tis_cap must be > 0 or None, got {self.tis_cap}"),
             (self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}"),
+            (
+                self.lm_head_algorithm in LM_HEAD_ALGORITHMS,
+                f"lm_head_algorithm must be one of {LM_HEAD_ALGORITHMS}, got {self.lm_head_algorithm!r}",
+            ),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
         ]
         for ok, msg in checks:
@@ -135,8 +142,9 @@ class TrainerConfig:
         return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
 
 
-def loss_functions(impl: str) -> tuple[Callable, Callable]:
-    """(linear_flow_grpo_loss, linear_token_logprobs) of the chosen implementation."""
+def loss_functions(impl: str, algorithm: str = "auto") -> tuple[Callable, Callable]:
+    """(linear_flow_grpo_loss, linear_token_logprobs) of the chosen implementation; for "fused", with the
+    LM-head `algorithm` of `kernels.linear_chunked.ALGORITHMS` bound."""
     if impl == "reference":
         from kernels import reference
 
@@ -152,7 +160,7 @@ def loss_functions(impl: str) -> tuple[Callable, Callable]:
             "loss_impl='fused' needs kernels.linear_flow_grpo_loss and kernels.linear_token_logprobs, which this "
             "build of `kernels` does not provide; use loss_impl='reference'"
         )
-    return loss, logprobs
+    return functools.partial(loss, algorithm=algorithm), functools.partial(logprobs, algorithm=algorithm)
 
 
 @dataclass
@@ -210,7 +218,7 @@ class Trainer:
         self.dp = dp
         attach_packed_forward(model)
         self.loss_config = config.loss
-        self.loss_fn, self.logprob_fn = loss_functions(config.loss_impl)
+        self.loss_fn, self.logprob_fn = loss_functions(config.loss_impl, config.lm_head_algorithm)
         enable_packed_attention(model)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

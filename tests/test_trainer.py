@@ -336,7 +336,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_fused_loss_impl_resolution():
     if hasattr(kernels, "linear_flow_grpo_loss"):
-        assert loss_functions("fused")[0] is kernels.linear_flow_grpo_loss
+        loss, logprobs = loss_functions("fused", "chunked")
+        assert loss.func is kernels.linear_flow_grpo_loss and logprobs.func is kernels.linear_token_logprobs
+        assert loss.keywords == logprobs.keywords == {"algorithm": "chunked"}
+        with pytest.raises(ValueError, match="lm_head_algorithm must be one of"):
+            TrainerConfig(lm_head_algorithm="fast")
     else:
         with pytest.raises(RuntimeError, match="loss_impl='reference'"):
             loss_functions("fused")
