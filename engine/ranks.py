@@ -168,7 +168,7 @@ def single_process_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_layout(config: Any, world: int, *, resume: bool = False) -> None:
+def check_layout(config: Any, world: int) -> None:
     """One line naming the problem, before any work, for a run of `config` on `world` ranks."""
     tp = config.rollout.tensor_parallel_size
     if world == 1:
@@ -189,11 +189,6 @@ def check_layout(config: Any, world: int, *, resume: bool = False) -> None:
     if config.helper.kind in ("reference", "vllm"):
         raise UsageError(
             f"--helper {config.helper.kind} is single-process only; with several processes use --helper policy or http"
-        )
-    if resume:
-        raise UsageError(
-            f"--resume with {world} processes needs sharded checkpoints, which this build does not write; "
-            f"resume single-process runs only"
         )
 
 

@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
             f"--nproc-per-node {nproc}: pass a count >= 1, and leave it out under an external torchrun (WORLD_SIZE {world})"
         )
     launch = nproc is not None and nproc > 1
-    check_layout(cfg, nproc if launch else world, resume=args.resume)
+    check_layout(cfg, nproc if launch else world)
     if launch:
         check_run(cfg)
         return _launch(args, nproc)
