@@ -110,7 +110,7 @@ from engine.packing import TrainSequence
 from engine.parallelize import SINGLE, DataParallel, full_parameters
 from engine.presets import RunConfig
 from engine.ranks import RANK_TIMING_FILE, RankLayout, single_process_metrics
-from engine.rollout.protocol import SamplingConfig
+from engine.rollout.protocol import SamplingConfig, TransientWeights
 from engine.timer import PhaseTimer
 from engine.trainer import Trainer
 
@@ -242,17 +242,16 @@ class TrainLoop:
             self.ranks.barrier()
 
     def _weights(self):
-        """The trainer's HF-named weights for the sync: whole, or gathered one FSDP group at a time."""
-        return self._gathered() if self.ranks.distributed else self.model.named_parameters()
+        """The trainer's HF-named weights for the sync: whole, or gathered one FSDP group at a time (transient:
+        a group's gathered storage is freed when it reshards, so the engine copies each tensor as it comes)."""
+        return TransientWeights(self._gathered()) if self.ranks.distributed else self.model.named_parameters()
 
     def _gathered(self):
-        """Full tensors from the FSDP shards, copied (a group's gathered storage is freed when it reshards, and
-        vLLM's sync holds every tensor until it packs them); their float64 sum goes to `ranks.jsonl`."""
+        """Full tensors from the FSDP shards, not copied; their float64 sum goes to `ranks.jsonl`."""
         self.weights_sum = None
         total = 0.0
         for name, t in full_parameters(self.model):
-            t = t.clone()
-            total += float(t.double().sum())
+            total += float(t.sum(dtype=torch.float64))
             yield name, t
         self.weights_sum = total
 
