@@ -329,7 +329,8 @@ class TrainLoop:
         if ck is None:
             return 1, MetricsWriter(self.run_dir) if main else _Discard()
         self._load(ck)
-        self.notes.append(f"resumed from {ck.path} (step {ck.step}, written by {ck.world} process(es))")
+        sharded = f", a sharded checkpoint of {ck.world} process{'es' * (ck.world > 1)}" if ck.layout == "dcp" else ""
+        self.notes.append(f"resumed from {ck.path} (step {ck.step}){sharded}")
         if not main:
             return ck.step + 1, _Discard()
         writer = MetricsWriter(self.run_dir, resume_step=ck.step)

@@ -192,6 +192,19 @@ def check_layout(config: Any, world: int) -> None:
         )
 
 
+def check_resume_layout(run_dir: Any, world: int) -> None:
+    """--resume on `world` > 1 processes: refuse a run whose newest checkpoint is a single-process one (its
+    optimizer state is keyed by parameter index, which a sharded run cannot map); one line, before any work."""
+    from engine.checkpoint import load_latest
+
+    ck = load_latest(run_dir, verify=False) if world > 1 else None
+    if ck is not None and ck.layout != "dcp":
+        raise UsageError(
+            f"--resume with {world} processes: the newest checkpoint in {run_dir} ({ck.path.name}) was written by "
+            f"one process and resumes on one only; drop --nproc-per-node (its later checkpoints stay single-process)"
+        )
+
+
 def option_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, drop: Sequence[str] = ()) -> list[str]:
     """The command line that parses back into `args` (options differing from their defaults), without `drop`."""
     out: list[str] = []

@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.preflight import UsageError, check_run
-    from engine.ranks import check_layout
+    from engine.ranks import check_layout, check_resume_layout
     from engine.run_dir import prepared_run
 
     try:
@@ -122,6 +122,8 @@ def main(args: argparse.Namespace) -> int:
         )
     launch = nproc is not None and nproc > 1
     check_layout(cfg, nproc if launch else world)
+    if args.resume:
+        check_resume_layout(cfg.run_dir, nproc if launch else world)
     if launch:
         check_run(cfg)
         return _launch(args, nproc)

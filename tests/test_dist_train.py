@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from engine.checkpoint import load_latest
+from engine.checkpoint import list_checkpoints, load_latest
 from engine.metrics import is_declared, read_metrics
 from engine.presets import TOY_TOOLS
 from engine.ranks import RANK_TIMING_FILE, combine_rows
@@ -181,8 +182,6 @@ def test_the_relaunch_command_parses_back_into_the_same_options():
 
 def _adam_steps(ck_path: Path, model_dir: str) -> set[int]:
     """The AdamW step counts stored in a checkpoint (read into a one-process model and optimizer)."""
-    import torch
-
     from engine.dist_checkpoint import load_sharded
     from engine.model import load_planner
 
@@ -241,9 +240,21 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
         (run / name).write_text("".join(kept))
     assert ck.state["metrics"]["dist/world_size"] == 2 and len(ck.state["ranks"]) == 2
 
-    res = _train(*common, "--steps", "3", "--resume", "--nproc-per-node", "2")
+    # validating every step from here on: the best checkpoint of an FSDP run is the full weights, on rank 0
+    val = tmp_path / "val.jsonl"
+    from agentflow.tasks import load_task
+
+    val.write_text(
+        "".join(
+            json.dumps({"id": q.id, "question": q.question, "answer": q.answer, "judge": q.judge}) + "\n"
+            for q in load_task("toy", 4)
+        )
+    )
+    res = _train(
+        *common, "--steps", "3", "--resume", "--nproc-per-node", "2", "--val-data", str(val), "--val-every", "1"
+    )
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-    assert f"resumed from {ck.path} (step {ck.step}, written by 2 process(es))" in res.stdout
+    assert f"resumed from {ck.path} (step {ck.step}), a sharded checkpoint of 2 processes" in res.stdout
     assert f"metrics line of step {ck.step} restored from its checkpoint" in res.stdout
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3], "every step's line exactly once"
@@ -255,16 +266,30 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
     # the optimizer state went through the kill: one AdamW step per mini-batch of every step, before and after it
     mb = rows[0]["actor/num_mini_batches"]
     assert _adam_steps(ck3.path, toy_model_dir) == {3 * mb}
+    best = list_checkpoints(run / "best")
+    assert len(best) == 1 and best[0].layout == "single" and best[0].step in (2, 3)
+    from engine.checkpoint import load_checkpoint
+    from engine.dist_checkpoint import load_sharded
+    from engine.model import load_planner
+
+    full, sharded = load_planner(toy_model_dir, dtype="float32"), load_planner(toy_model_dir, dtype="float32")
+    load_checkpoint(best[0], full, restore_rng_state=False)
+    load_sharded(run / "checkpoints" / f"step_{best[0].step:06d}", sharded, restore_rng_state=False)
+    for (n, a), b in zip(full.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), n
 
     res = _train(*common, "--steps", "4", "--resume")  # one process, from the 2-rank checkpoint
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-    assert f"resumed from {ck3.path} (step 3, written by 2 process(es))" in res.stdout
+    assert f"resumed from {ck3.path} (step 3), a sharded checkpoint of 2 processes" in res.stdout
     assert "RNG states not restored: step_000003 was written by 2 ranks and this run has 1" in res.stdout
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["dist/world_size"] == 1
     ck4 = load_latest(run)
     assert ck4.step == 4 and ck4.layout == "single"
-    import torch
-
     state = torch.load(ck4.path / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
     assert {int(s["step"]) for s in state.values()} == {4 * mb}
+    # a one-process checkpoint does not resume on two: one line, nothing launched
+    res = _train(*common, "--steps", "5", "--resume", "--nproc-per-node", "2", timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "was written by one process" in lines[0], res.stderr
+    assert "launching" not in res.stdout and load_latest(run).step == 4
