@@ -11,6 +11,7 @@ processes and then, from that 2-rank checkpoint, on one (DCP reshards).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,9 +225,16 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the run did not write its step-1 checkpoint in 300 s"
             time.sleep(0.02)
-    finally:  # the launcher, torchrun and both ranks (torchrun starts each rank in a session of its own)
-        for pid in _process_tree(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+    finally:  # the launcher, torchrun, both ranks (each in a session of its own) and anything they started:
+        stopped: list[int] = []  # frozen first (a stopped process starts nothing), then killed
+        while new := [pid for pid in _process_tree(proc.pid) if pid not in stopped]:
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped += new
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
     ck = load_latest(run)
     # killed right after step 1's checkpoint (step 2's, should this process have been descheduled that long)
