@@ -125,7 +125,11 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         check_resume_layout(cfg.run_dir, nproc if launch else world)
     if launch:
+        from engine.preflight import check_fresh
+
         check_run(cfg)
+        if not args.resume and not args.restart:
+            check_fresh(cfg.run_dir)  # rank 0 checks again under the run directory's lock
         return _launch(args, nproc)
     if world == 1:
         with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:

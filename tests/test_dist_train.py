@@ -301,3 +301,7 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "was written by one process" in lines[0], res.stderr
     assert "launching" not in res.stdout and load_latest(run).step == 4
+    res = _train(*common, "--steps", "5", "--nproc-per-node", "2", timeout=120)  # neither --resume nor --restart
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "holds an earlier run" in lines[0], res.stderr
+    assert "launching" not in res.stdout and load_latest(run).step == 4
