@@ -367,13 +367,15 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     *,
     keep_last: int = 3,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically (see module doc) and return its directory."""
+    """Write checkpoint `step` atomically (see module doc) and return its directory. `state_dict`: the
+    model's full state dict when the caller gathered it (an FSDP model's), else `model.state_dict()`."""
     from safetensors.torch import save_file
 
     tmp = make_temp_dir(run_dir, step, keep_last)
 
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = _dedupe(model.state_dict() if state_dict is None else state_dict)
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIAS_KEY: json.dumps(aliases)})
     del tensors
     _fsync_file(tmp / MODEL_FILE)

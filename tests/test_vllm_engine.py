@@ -14,7 +14,7 @@ import torch
 
 from engine.logprob_gap import logprob_gap, trainer_logprobs
 from engine.preflight import UsageError
-from engine.rollout.protocol import RolloutEngine, SamplingConfig
+from engine.rollout.protocol import RolloutEngine, SamplingConfig, TransientWeights
 from engine.rollout.weight_buckets import ALIGN, pack_buckets, plan_buckets
 
 vllm = pytest.importorskip("vllm")
@@ -52,6 +52,19 @@ def prompts(engine):
 
 def _ids(engine, texts):
     return [engine.tokenizer.encode(t) for t in texts]
+
+
+def _short_lived(named, poison=float("nan")):
+    """(name, tensor) pairs like a sharded trainer's gathered FSDP groups: each tensor is a copy that is
+    overwritten with `poison` as soon as the next one is drawn (its group resharded)."""
+    last = None
+    for name, t in named:
+        if last is not None:
+            last.fill_(poison)
+        last = t.detach().clone()
+        yield name, last
+    if last is not None:
+        last.fill_(poison)
 
 
 def _perturbed(model, scale=0.02, seed=0):
@@ -218,6 +231,33 @@ def test_sync_rejects_bad_tensors_before_writing_anything(engine, trainer, promp
     assert logprob_gap(engine.generate(ids, s), model=trainer, sampling=s)["gap_max"] < SAME_WEIGHTS_GAP
 
 
+def test_transient_weights_stream_bucket_by_bucket_and_a_late_bad_tensor_marks_the_engine(engine, trainer, prompts):
+    ids = _ids(engine, prompts[:3])
+    s = SamplingConfig(max_new_tokens=12, seed=2)
+    moved_model = _perturbed(trainer, seed=3)
+    config = engine.config
+    engine.config = dataclasses.replace(config, bucket_bytes=1 << 20)
+    try:
+        # each tensor is garbage once the next is drawn: the engine must have copied it by then
+        report = engine.sync_weights(TransientWeights(_short_lived(moved_model.named_parameters())))
+        gap = logprob_gap(engine.generate(ids, s), model=moved_model, sampling=s)
+        assert report.complete and report.extra["buckets"] >= 3 and gap["gap_max"] < SAME_WEIGHTS_GAP
+        # a NaN in the last tensor is found only after earlier buckets were written: refused, engine marked
+        named = list(trainer.named_parameters())
+        bad = [*named[:-1], (named[-1][0], torch.full_like(named[-1][1], float("nan")))]
+        with pytest.raises(ValueError, match="NaN"):
+            engine.sync_weights(TransientWeights(iter(bad)))
+        with pytest.raises(RuntimeError, match="failed part-way"):
+            engine.generate(ids, s)
+        with pytest.raises(ValueError, match="missing"):  # known only at the end of the stream
+            engine.sync_weights(TransientWeights(iter(named[:-1])))
+    finally:
+        engine.config = config
+        engine.sync_weights(TransientWeights(_short_lived(trainer.named_parameters())))
+    # a complete sync puts the engine back in service
+    assert logprob_gap(engine.generate(ids, s), model=trainer, sampling=s)["gap_max"] < SAME_WEIGHTS_GAP
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour: vLLM has no sleep mode there")
 def test_sleep_is_a_reported_noop_on_cpu_and_the_order_is_enforced(engine, trainer, prompts):
     ids = _ids(engine, prompts[:2])
@@ -298,6 +338,18 @@ def test_weight_buckets_pack_views_aligned_and_converted():
         t.numel() * (2 if t.is_floating_point() else 8) for _, t in named
     )
     assert buckets[0].metadata()[0] == {"name": "a", "dtype": "bfloat16", "shape": [63, 5], "offset": 0}
+    # the same buckets from tensors that die as the next is drawn, buffers sized by the bytes still to come
+    total = sum(-(-t.numel() * (2 if t.is_floating_point() else 8) // ALIGN) * ALIGN for _, t in named)
+    streamed = list(
+        pack_buckets(
+            _short_lived(named, poison=0), bucket_bytes=2048, device="cpu", dtype=torch.bfloat16, total_bytes=total
+        )
+    )
+    assert [[e.name for e in b.entries] for b in streamed] == [[e.name for e in b.entries] for b in buckets]
+    assert [[e.offset for e in b.entries] for b in streamed] == [[e.offset for e in b.entries] for b in buckets]
+    for name, v in (kv for b in streamed for kv in b.views()):
+        assert torch.equal(v, got[name]), name
+    assert max(b.buffer.untyped_storage().nbytes() for b in streamed) <= 2048
     with pytest.raises(ValueError, match="bucket_bytes"):
         plan_buckets(named, bucket_bytes=16)
 

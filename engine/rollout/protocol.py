@@ -18,7 +18,28 @@ import torch
 
 from agentflow.lm import Generation, LanguageModel, SamplingConfig
 
-__all__ = ["Generation", "LanguageModel", "RolloutEngine", "SamplingConfig", "SleepReport", "SyncReport"]
+__all__ = [
+    "Generation",
+    "LanguageModel",
+    "RolloutEngine",
+    "SamplingConfig",
+    "SleepReport",
+    "SyncReport",
+    "TransientWeights",
+]
+
+
+class TransientWeights:
+    """Named tensors for `sync_weights` that are valid only until the next one is drawn (a sharded
+    trainer's gathered FSDP group is freed when the group reshards): the engine must copy each as it
+    arrives and cannot check them all before writing (a bad one found late leaves the engine marked
+    stale until a complete sync). A plain iterable promises tensors that stay valid for the call."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._it = iter(named_tensors)
+
+    def __iter__(self):
+        return self._it
 
 
 @dataclass

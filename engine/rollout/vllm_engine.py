@@ -22,7 +22,13 @@ Weight sync, in place, never from disk and never by rebuilding the engine. The t
 (HF-named) tensors are checked against the checkpoint's names and shapes, packed into flat buckets
 on the engine's device in the engine's dtype (`engine.rollout.weight_buckets`), and streamed as
 views into the worker's `reload_weights(weights_iterator=...)` through `collective_rpc` (the
-engine runs in this process, so the views are passed by reference). `reload_weights` maps HF
+engine runs in this process, so the views are passed by reference). A plain iterable is checked
+whole (names, shapes, NaN/Inf, nothing missing) before anything is written. `TransientWeights`
+(a sharded trainer's FSDP groups, each freed when it reshards) is consumed as it comes: each tensor
+is checked as it is drawn and copied into its bucket, a bucket is checked for NaN/Inf before the
+loader sees it, and the missing names are known at the end, so the staging memory is one bucket
+and no copy of the model is held; a sync that fails after writing a bucket leaves the engine
+refusing to generate until a complete sync. `reload_weights` maps HF
 names onto vLLM's fused parameters (q/k/v → qkv_proj, gate/up → gate_up_proj) and re-applies any
 kernel-format processing (CPU weight repacking), which a direct `model.load_weights` skips; the
 direct path is kept as `sync_method="load_weights"` for vLLM versions without the former. Every
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,8 +63,15 @@ import torch
 
 from engine.device_memory import explain_oom, is_oom
 from engine.preflight import check_model_dir
-from engine.rollout.protocol import Generation, SamplingConfig, SleepReport, SyncReport, check_prompts
-from engine.rollout.weight_buckets import pack_buckets
+from engine.rollout.protocol import (
+    Generation,
+    SamplingConfig,
+    SleepReport,
+    SyncReport,
+    TransientWeights,
+    check_prompts,
+)
+from engine.rollout.weight_buckets import ALIGN, pack_buckets
 
 WAKE_TAGS = ("weights", "kv_cache")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,7 +228,7 @@ class VLLMEngine:
         self._running: dict[str, tuple[int, list[int]]] = {}  # vLLM request id -> (our id, prompt ids)
         self._next_request = 0
         self._asleep: set[str] = set()  # tags currently released (or, on CPU, marked asleep)
-        self._weights_discarded = False
+        self._weights_discarded = ""  # why the engine's weights are not a whole model now ("" when they are)
         self._stats: dict[str, float] = {
             "generate_calls": 0,
             "prompts": 0,
@@ -337,7 +351,7 @@ class VLLMEngine:
             )
         if self._weights_discarded:
             raise RuntimeError(
-                "generate called after a level-2 sleep discarded the weights and before sync_weights wrote new ones"
+                f"generate called after {self._weights_discarded} and before sync_weights wrote new ones"
             )
         return out
 
@@ -531,7 +545,8 @@ class VLLMEngine:
         free_after, _ = torch.cuda.mem_get_info()
         freed = max(0, free_after - free_before)
         self._asleep = set(WAKE_TAGS)
-        self._weights_discarded = level == 2
+        if level == 2:
+            self._weights_discarded = "a level-2 sleep discarded the weights"
         self._stats["sleep_freed_bytes"] += freed
         what = "KV cache and weights discarded" if level == 2 else "KV cache discarded, weights offloaded to host"
         return SleepReport(
@@ -556,8 +571,12 @@ class VLLMEngine:
                 raise
         self._asleep -= set(todo)
 
-    def _named_for_sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list, list[str]]:
-        items, skipped, seen = [], [], set()
+    def _checked(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], skipped: list[str]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors to write, each checked (type, name, once, shape) as it is drawn; after the last,
+        the check that none is missing. A tied LM head's name goes to `skipped`."""
+        seen: set[str] = set()
         for name, t in named_tensors:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"sync_weights: {name} is a {type(t).__name__}, not a tensor")
@@ -576,21 +595,29 @@ class VLLMEngine:
                 raise ValueError(
                     f"sync_weights: {name} has shape {tuple(t.shape)}, the engine's checkpoint has {self._expected[name]}"
                 )
-            items.append((name, t))
-        finite = [torch.isfinite(t).all() for _, t in items if t.is_floating_point()]  # one host sync per device
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for f in finite:
-            by_device.setdefault(f.device, []).append(f)
-        if not all(bool(torch.stack(fs).all()) for fs in by_device.values()):
-            bad = next(n for n, t in items if t.is_floating_point() and not torch.isfinite(t).all())
-            raise ValueError(f"sync_weights: {bad} has NaN/Inf values; refusing to write them into the engine")
+            yield name, t
         missing = sorted(set(self._expected) - seen)
         if missing:
             raise ValueError(
                 f"sync_weights got {len(seen)} of the {len(self._expected)} checkpoint tensors; missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}. Pass all of the trainer's parameters (model.named_parameters())"
             )
-        return items, skipped
+
+    @staticmethod
+    def _check_finite(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Refuse NaN/Inf (one host sync per device)."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, t in named:
+            if t.is_floating_point():
+                by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+        if not all(bool(torch.stack(fs).all()) for fs in by_device.values()):
+            bad = next(n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all())
+            raise ValueError(f"sync_weights: {bad} has NaN/Inf values; refusing to write them into the engine")
+
+    def _sync_bytes(self) -> int:
+        """The aligned bytes of all checkpoint tensors in the engine's dtype (sizes the last bucket buffers)."""
+        item = self.dtype.itemsize
+        return sum((math.prod(shape) * item + ALIGN - 1) // ALIGN * ALIGN for shape in self._expected.values())
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
         if self.num_pending():
@@ -598,7 +625,13 @@ class VLLMEngine:
         if "weights" in self._asleep:
             raise RuntimeError("sync_weights needs the weights awake: call wake(['weights']) first")
         t0 = time.perf_counter()
-        items, skipped = self._named_for_sync(named_tensors)
+        skipped: list[str] = []
+        transient = isinstance(named_tensors, TransientWeights)
+        if transient:
+            items: Iterable[tuple[str, torch.Tensor]] = self._checked(named_tensors, skipped)
+        else:  # every tensor checked before anything is written
+            items = list(self._checked(named_tensors, skipped))
+            self._check_finite(items)
         consumed: list[str] = []
         buckets = 0
         moved = 0
@@ -606,13 +639,23 @@ class VLLMEngine:
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal buckets, moved
             for bucket in pack_buckets(
-                items, bucket_bytes=self.config.bucket_bytes, device=self.device, dtype=self.dtype
+                items,
+                bucket_bytes=self.config.bucket_bytes,
+                device=self.device,
+                dtype=self.dtype,
+                total_bytes=self._sync_bytes(),
             ):
+                views = list(bucket.views())
+                if transient:
+                    self._check_finite(views)  # the converted values, before the loader sees them
+                    self._weights_discarded = "a weight sync that failed part-way"
                 buckets += 1
                 moved += bucket.payload_bytes
-                for name, view in bucket.views():
+                del bucket
+                for name, view in views:
                     consumed.append(name)
                     yield name, view
+                del views
 
         try:
             if self.sync_method == "reload_weights":
@@ -629,10 +672,11 @@ class VLLMEngine:
         unloaded = self._llm.collective_rpc(_meta_parameters)[0]
         if unloaded:
             raise RuntimeError(f"weight sync left vLLM parameters unmaterialised: {unloaded[:5]}")
-        if len(consumed) != len(items):
-            raise RuntimeError(f"weight sync: the loader consumed {len(consumed)} of {len(items)} tensors")
+        written = len(self._expected)
+        if len(consumed) != written:
+            raise RuntimeError(f"weight sync: the loader consumed {len(consumed)} of {written} tensors")
         prefix_reset = bool(self._llm.reset_prefix_cache())
-        self._weights_discarded = False
+        self._weights_discarded = ""
         seconds = time.perf_counter() - t0
         self._stats["syncs"] += 1
         self._stats["sync_seconds"] += seconds

@@ -7,9 +7,14 @@ tensors are packed into buckets: one flat uint8 buffer of about `bucket_bytes` p
 and starting at a 256-byte aligned offset. The consumer reads `(name, view)` pairs that alias the
 buffer, so loading copies once, from the bucket into the engine's parameter.
 
-Buckets are produced lazily: bucket k+1 is packed only when the consumer has read bucket k, and a
-bucket's buffer is freed once the consumer drops its views, so the staging memory in flight is
-about one bucket (plus whatever the loader keeps while it assembles a fused layer).
+Buckets are produced lazily, and each tensor is copied into its bucket as soon as it is drawn:
+`pack_buckets` never holds a reference to a drawn tensor beyond drawing the next one, so its input
+can be a stream of short-lived tensors (the FSDP groups of a sharded trainer, each freed when it
+reshards). Bucket k+1 is packed only when the consumer has read bucket k, and a bucket's buffer is
+freed once the consumer drops its views, so the staging memory in flight is about one bucket (plus
+whatever the loader keeps while it assembles a fused layer) and the producer's one tensor. A
+bucket's buffer is allocated at `bucket_bytes`, or at what `total_bytes` says is left when that is
+less, and trimmed to its contents when it is handed over.
 
 In-process (our vLLM engine runs in this process) the views are handed over directly. An
 out-of-process engine would ship `Bucket.metadata()` with a CUDA IPC handle of `Bucket.buffer`
@@ -95,19 +100,39 @@ def pack_buckets(
     bucket_bytes: int,
     device: torch.device | str,
     dtype: torch.dtype | None = None,
+    total_bytes: int | None = None,
 ) -> Iterator[Bucket]:
-    """Yield buckets packed on `device`, floating tensors converted to `dtype` (None: kept as they are)."""
+    """Yield buckets packed on `device`, floating tensors converted to `dtype` (None: kept as they are),
+    the same buckets and offsets as `plan_buckets`; each tensor is copied in as it is drawn (module doc).
+    `total_bytes`: the (aligned) bytes of all tensors still to come, if known, to size the last buffers."""
+    if bucket_bytes < ALIGN:
+        raise ValueError(f"bucket_bytes must be >= {ALIGN}, got {bucket_bytes}")
     device = torch.device(device)
-    for plan in plan_buckets(named_tensors, bucket_bytes=bucket_bytes, dtype=dtype):
-        _, last, last_off = plan[-1]
-        size = last_off + last.numel() * _target_dtype(last, dtype).itemsize
-        buffer = torch.empty(_aligned(size), dtype=torch.uint8, device=device)
-        bucket = Bucket(buffer=buffer)
-        for name, t, off in plan:
-            target = _target_dtype(t, dtype)
-            nbytes = t.numel() * target.itemsize
-            view = buffer[off : off + nbytes].view(target).view(t.shape)
-            with torch.no_grad():
-                view.copy_(t.detach())
-            bucket.entries.append(BucketEntry(name, target, tuple(t.shape), off, nbytes))
-        yield bucket
+    left = total_bytes
+    bucket: Bucket | None = None
+    used = 0
+    for name, t in named_tensors:
+        target = _target_dtype(t, dtype)
+        nbytes = t.numel() * target.itemsize
+        if bucket is not None and (used + nbytes > bucket_bytes or used + nbytes > bucket.buffer.numel()):
+            yield _trimmed(bucket, used)
+            bucket = None
+        if bucket is None:
+            size = bucket_bytes if left is None else min(bucket_bytes, max(left, 0))
+            bucket = Bucket(buffer=torch.empty(_aligned(max(size, nbytes)), dtype=torch.uint8, device=device))
+            used = 0
+        view = bucket.buffer[used : used + nbytes].view(target).view(t.shape)
+        with torch.no_grad():
+            view.copy_(t.detach())
+        bucket.entries.append(BucketEntry(name, target, tuple(t.shape), used, nbytes))
+        step = _aligned(used + nbytes) - used
+        used += step
+        if left is not None:
+            left -= step
+    if bucket is not None:
+        yield _trimmed(bucket, used)
+
+
+def _trimmed(bucket: Bucket, used: int) -> Bucket:
+    """The bucket with its buffer cut to its contents (a view: same storage)."""
+    return Bucket(buffer=bucket.buffer[:used], entries=bucket.entries)
