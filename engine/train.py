@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +177,14 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _terminate_with_parent() -> None:
+    """In the torchrun child, before exec: SIGTERM when this launcher dies (Linux `PR_SET_PDEATHSIG`), however
+    it dies; torchrun then stops its ranks, so a killed launcher never leaves ranks holding the run dir."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _launch(args: argparse.Namespace, nproc: int) -> int:
     """Run this command again under torchrun with `nproc` processes; its exit status."""
     import engine
@@ -186,7 +196,7 @@ def _launch(args: argparse.Namespace, nproc: int) -> int:
     root = str(Path(engine.__file__).resolve().parents[1])  # the children import this very tree
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     print(f"note: launching {nproc} processes: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_terminate_with_parent)
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -305,3 +305,39 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "holds an earlier run" in lines[0], res.stderr
     assert "launching" not in res.stdout and load_latest(run).step == 4
+
+
+def test_killing_the_launcher_stops_every_rank(tmp_path, toy_model_dir):
+    """SIGKILL of `flowgrpo train --nproc-per-node 2` itself (no cleanup can run): torchrun gets SIGTERM from
+    the kernel (PR_SET_PDEATHSIG) and stops both ranks, so nothing keeps the run directory locked."""
+    run = tmp_path / "run"
+    args = ["--preset", "toy", "--model", toy_model_dir, "--engine", "embedded", "--run-dir", str(run)]
+    args += ["--queries-per-step", "2", "--group-size", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "train", *args, "--steps", "100000", "--nproc-per-node", "2"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").stat().st_size:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not write a metrics line"
+        time.sleep(0.05)
+    tree = _process_tree(proc.pid)
+    assert len(tree) >= 4, f"launcher, torchrun and two ranks expected, got {tree}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while alive := [pid for pid in tree[1:] if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]:
+        assert time.monotonic() < deadline, f"still running 120 s after the launcher was killed: {alive}"
+        time.sleep(0.2)
+    res = _train(*args, "--steps", "1", "--restart")  # the lock is free: a new run takes the directory
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
