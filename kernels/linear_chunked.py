@@ -56,7 +56,7 @@ import triton.language as tl
 
 from kernels.loss_common import STATS, WLOSS, LossConfig, grad_coefficients, token_stats_torch, write_token_stats
 from kernels.token_logprobs import launch_config, token_logprobs_bwd_torch, token_logprobs_fwd, token_logprobs_fwd_torch
-from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy
+from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy, vector_elems
 from kernels.validation import is_interpreted
 
 ALGORITHMS = ("auto", "fused", "chunked")
@@ -151,12 +151,13 @@ def _linear_chunked_loss_fwd_kernel(
     HAS_H: tl.constexpr,
     SYNC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     local = tl.program_id(0).to(tl.int64)  # row of the chunk; int64: local · stride may pass 2^31
     row = row0 + local  # row of the batch
     target = tl.load(targets_ptr + row)
     z_row = z_ptr + local * stride_z
-    lse, logp, entropy = row_logsumexp_entropy(z_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V)
+    lse, logp, entropy = row_logsumexp_entropy(z_row, target, V, inv_t, WITH_ENTROPY=True, BLOCK_V=BLOCK_V, VEC=VEC)
     g = write_token_stats(
         stats_ptr,
         row,
@@ -202,6 +203,7 @@ def _linear_chunked_logprobs_bwd_kernel(
     HAS_H: tl.constexpr,
     SYNC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     local = tl.program_id(0).to(tl.int64)
     row = row0 + local
@@ -368,6 +370,7 @@ def _loss_epilogue(z, dz, row0, targets, old, adv, ref, weights, stats, config: 
         HAS_H=config.entropy_coef != 0.0,
         SYNC=dz.dtype.itemsize < z.dtype.itemsize,
         BLOCK_V=block_v,
+        VEC=vector_elems(z.dtype),
         num_warps=num_warps,
     )
 
