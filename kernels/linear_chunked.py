@@ -203,7 +203,6 @@ def _linear_chunked_logprobs_bwd_kernel(
     HAS_H: tl.constexpr,
     SYNC: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
 ):
     local = tl.program_id(0).to(tl.int64)
     row = row0 + local
