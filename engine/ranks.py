@@ -172,17 +172,17 @@ def check_layout(config: Any, world: int, *, local_world: int | None = None) -> 
     """One line naming the problem, before any work, for a run of `config` on `world` ranks, `local_world`
     of them on each node (default: all on one)."""
     tp = config.rollout.tensor_parallel_size
-    local_world = world if local_world is None else local_world
-    if world > 1 and local_world % tp:
-        raise UsageError(
-            f"--tp {tp} must divide the {local_world} processes per node: a tensor-parallel engine stays within a node"
-        )
     if world == 1:
         if tp != 1:
             raise UsageError(f"--tp {tp} needs {tp} ranks at least: add --nproc-per-node {tp} (or run under torchrun)")
         return
     if world % tp:
         raise UsageError(f"--tp {tp} must divide the number of processes {world}; choose a divisor of {world}")
+    local_world = world if local_world is None else local_world
+    if local_world % tp:
+        raise UsageError(
+            f"--tp {tp} must divide the {local_world} processes per node: a tensor-parallel engine stays within a node"
+        )
     groups = world // tp
     b = config.task.queries_per_step
     if b % groups:

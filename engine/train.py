@@ -160,9 +160,15 @@ def main(args: argparse.Namespace) -> int:
             ctx = contextlib.nullcontext([])
         with ctx as notes:
             print("".join(f"note: {n}\n" for n in notes), end="", flush=True)
-            return _run(cfg, args, dp)
+            rc = _run(cfg, args, dp)
     finally:
         _leave_process_group()
+    # A finished rank skips interpreter finalization: the process groups FSDP's meshes still reference are
+    # otherwise torn down there, and gloo's worker threads then abort the process now and then ("terminate
+    # called without an active exception", SIGABRT after "done"; pytorch/pytorch#179291 discusses it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _leave_process_group() -> None:
