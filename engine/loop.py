@@ -105,7 +105,16 @@ from engine.dist_checkpoint import latest_sharded, load_sharded, save_sharded
 from engine.eval import evaluate
 from engine.fsio import atomic_write_bytes
 from engine.logprob_gap import trainer_logprobs
-from engine.metrics import COLUMNS, ConsoleReporter, MetricsWriter, StepRecord, peak_flops, read_metrics, step_trace
+from engine.metrics import (
+    COLUMNS,
+    ConsoleReporter,
+    MetricsWriter,
+    StepRecord,
+    json_safe,
+    peak_flops,
+    read_metrics,
+    step_trace,
+)
 from engine.model import num_parameters, resolve_dtype
 from engine.packing import TrainSequence
 from engine.parallelize import SINGLE, DataParallel, full_parameters
@@ -172,13 +181,14 @@ class TrainLoop:
         # data files are read (and a bad one refused) before any model is built
         self.train_queries = load_queries(config.task.data, config.task.spec()) if config.task.data else None
         self.val_queries = [q for f in config.task.val_data for q in load_queries(f, config.task.spec())]
-        if config.agent.search_corpus and "search" in config.agent.tools:
-            index = open_index(config.agent.search_corpus, config.agent.search_index_dir)
-            how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
-            self.notes.append(f"search corpus {config.agent.search_corpus}: {index.num_passages} passages, index {how}")
-
         # the planner, its tokenizer and the rollout engine (the engine choice may reject the model source)
-        with self._main_rank_first():  # rank 0 builds the tiny model / tokenizer files the others then read
+        with self._main_rank_first():  # rank 0 builds the index, tiny model and tokenizer files the others read
+            if config.agent.search_corpus and "search" in config.agent.tools:
+                index = open_index(config.agent.search_corpus, config.agent.search_index_dir)
+                how = "loaded" if index.built_s is None else f"built in {index.built_s:.1f}s"
+                self.notes.append(
+                    f"search corpus {config.agent.search_corpus}: {index.num_passages} passages, index {how}"
+                )
             self.model_dir = planner_dir(mc, self.run_dir, self.notes)
             if config.preset == "agentflow":
                 check_recipe_fits(config, self.model_dir, self.device)
@@ -537,7 +547,8 @@ class TrainLoop:
     def _save(self, step: int, line: dict[str, Any], rank_rows: list[dict[str, Any]] | None) -> None:
         """Checkpoint `step` holding its metrics line (and rank rows): sharded on every rank, or one directory."""
         cfg = self.config
-        state = {"preset": cfg.preset, "engine": self.engine_name, "metrics": line}
+        # a skipped update (non-finite grad norm) leaves inf in the line: stored as null, as metrics.jsonl has it
+        state = {"preset": cfg.preset, "engine": self.engine_name, "metrics": json_safe(line)}
         if self.ranks.distributed:
             state["ranks"] = rank_rows
             save_sharded(

@@ -343,17 +343,18 @@ def memory_metrics(snapshots: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
     return out
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON takes it: tensors and numpy scalars as numbers, non-finite floats as None."""
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _clean(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -390,7 +391,7 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Append {"step": step, **metrics} as one line (one write, then fsync); returns the record written."""
-        record = {"step": int(step), **{str(k): _clean(v) for k, v in metrics.items() if k != "step"}}
+        record = {"step": int(step), **{str(k): json_safe(v) for k, v in metrics.items() if k != "step"}}
         data = (json.dumps(record, allow_nan=False) + "\n").encode()
         written = os.write(self._fd, data)
         if written != len(data):

@@ -16,7 +16,8 @@ itself, so every rank of a group must make the same engine calls with the same p
   step, robust to keys that exist on some ranks only) and combined: counts (`num_*`, `*_tokens`,
   `*_calls`) are summed, `*_max`/`*/max` take the maximum, `*_min`/`*/min` the minimum, the rest is
   the mean over ranks; rollout-side keys (`rollout/`, `adv/`, `reward/`, `helper/`) are taken from one
-  rank per rollout group (the TP ranks of a group report the same rollout). `dist/*` records the
+  rank per rollout group (the TP ranks of a group report the same rollout); validation (`val/`) runs the
+  whole set on every rank, so rank 0's line is kept. `dist/*` records the
   layout and the spread of the rollout (`gen`) and step time between the fastest and slowest rank.
 
 Simplifications: one rollout layout (tensor parallel within a group, data parallel across groups);
@@ -35,7 +36,9 @@ from typing import Any
 from engine.parallelize import SINGLE, DataParallel
 from engine.preflight import UsageError
 
+# taken from one rank per rollout group; validation runs the whole set on every rank (rank 0's is kept)
 ROLLOUT_PREFIXES = ("rollout/", "adv/", "reward/", "helper/", "perf/rollout_tokens_per_s")
+EVERY_RANK_PREFIXES = ("val/",)
 RANK_TIMING_FILE = "ranks.jsonl"  # per step, every rank's phase times (rank 0 writes it; world > 1 only)
 
 
@@ -118,7 +121,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _rule(key: str) -> str:
-    if key == "actor/num_mini_batches":  # the same on every rank
+    if key in ("actor/num_mini_batches", "sync/num_tensors"):  # the same on every rank
         return "max"
     if key.endswith(("_max", "/max")):
         return "max"
@@ -136,7 +139,12 @@ def combine_rows(rows: Sequence[dict[str, Any]], tp: int = 1) -> dict[str, Any]:
         keys.update(dict.fromkeys(r))
     out: dict[str, Any] = {}
     for k in keys:
-        ranks = [r for i, r in enumerate(rows) if i % tp == 0] if k.startswith(ROLLOUT_PREFIXES) else rows
+        if k.startswith(EVERY_RANK_PREFIXES):
+            ranks = rows[:1]
+        elif k.startswith(ROLLOUT_PREFIXES):
+            ranks = [r for i, r in enumerate(rows) if i % tp == 0]
+        else:
+            ranks = rows
         vals = [r[k] for r in ranks if _is_number(r.get(k))]
         if not vals:
             out[k] = next((r[k] for r in rows if k in r), None)

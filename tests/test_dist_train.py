@@ -151,6 +151,10 @@ def test_rank_metrics_are_combined_by_kind():
     # tp 2: the two ranks of one engine report the same rollout, counted once; trainer keys over both
     tp = combine_rows([a, {**a, "actor/num_seqs": 3.0}], tp=2)
     assert tp["rollout/num_trajectories"] == 4 and tp["actor/num_seqs"] == 8.0
+    # every rank validates the whole set and syncs the whole model: counted once, not world times
+    v = {"val/num_queries": 4, "val/accuracy": 0.5, "sync/num_tensors": 30}
+    both = combine_rows([v, dict(v)])
+    assert both["val/num_queries"] == 4 and both["val/accuracy"] == 0.5 and both["sync/num_tensors"] == 30
 
 
 def test_the_relaunch_command_parses_back_into_the_same_options():
