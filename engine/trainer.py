@@ -262,8 +262,11 @@ class Trainer:
     def prepare(self, sequences: Sequence[TrainSequence]) -> TrainBatch:
         """Split into mini-batches, pack each under the token budget, move to the device."""
         sequences = list(sequences)
-        if not sequences:
-            raise ValueError("no sequences to train on: the step produced no planner turns")
+        # decided together: a rank raising alone would leave the others waiting in a collective
+        fewest = -int(self.dp.all_max(-len(sequences))) if self.dp.enabled else len(sequences)
+        if fewest == 0:
+            where = " on some rank" if self.dp.enabled else ""
+            raise ValueError(f"no sequences to train on{where}: the step produced no planner turns")
         if self.config.allowed_token_ids is not None:
             allowed = set(self.config.allowed_token_ids)
             for i, s in enumerate(sequences):
@@ -290,10 +293,10 @@ class Trainer:
         """Extra passes per mini-batch so every rank runs as many FSDP forwards (collectives) as the busiest."""
         if not self.dp.enabled:
             return [0] * len(minis)
-        most = int(self.dp.all_max(len(minis)))
-        if most != len(minis):
+        most, fewest = int(self.dp.all_max(len(minis))), -int(self.dp.all_max(-len(minis)))
+        if fewest != most:  # the same error on every rank (none is left waiting in a collective)
             raise RuntimeError(
-                f"rank {self.dp.rank} has {len(minis)} mini-batches, another rank {most}: every rank needs at least "
+                f"the ranks have {fewest} to {most} mini-batches: every rank needs at least "
                 f"mini_batches={self.config.mini_batches} planner turns; lower --mini-batches or raise B x G"
             )
         return [int(self.dp.all_max(len(m))) - len(m) for m in minis]

@@ -109,3 +109,13 @@ def test_hsdp_across_two_nodes_with_c10d_rendezvous_equals_one_process(tmp_path,
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= 1e-6
     diff = max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
     assert diff <= 1e-6, f"max |param difference| {diff:.2e}"
+
+
+def test_a_rank_without_turns_stops_every_rank_with_the_same_error(tmp_path, tiny_model_dir):
+    """Rank 1 gets no planner turns: both ranks raise the same error (decided by a collective) instead of
+    rank 1 raising alone and rank 0 waiting forever in FSDP's first all-gather."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*launcher, str(WORKER), tiny_model_dir, str(tmp_path / "x.pt"), "--steps", "1", "--rank0-turns", "8"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("no sequences to train on on some rank") == 2, res.stderr[-3000:]
