@@ -187,8 +187,11 @@ def verify_sharded(path: str | Path, dp: DataParallel = SINGLE) -> str:
     path = Path(path)
     ck, why = read_state(path)
     if ck is not None:
-        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE}
-        why = verify_checkpoint(path, names=share(sizes, dp.rank, dp.world))
+        try:  # an unreadable file is this rank's answer: every rank still reaches the gather
+            sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE}
+            why = verify_checkpoint(path, names=share(sizes, dp.rank, dp.world))
+        except OSError as e:
+            why = f"cannot read it ({e})"
     return _first_error(_gather(dp, why))
 
 
