@@ -613,10 +613,16 @@ class TrainLoop:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        error = None
         if self.ranks.is_main:
-            save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1, state_dict=full)
+            try:
+                save_checkpoint(self.run_dir / BEST, step, self.model, None, state, keep_last=1, state_dict=full)
+            except OSError as e:  # e.g. a full disk: raised on every rank below, none left waiting
+                error = f"saving the best checkpoint of step {step} failed: {e}"
         del full
-        self.ranks.barrier()
+        error = self.ranks.gather(error)[0]  # rank 0's outcome, on every rank (also the barrier)
+        if error is not None:
+            raise OSError(error)
 
     def _probe_count(self, seqs: list[TrainSequence]) -> int:
         """Sequences a gap probe takes: gap_probe_seqs, or fewer when a rank has fewer (forwards are collective)."""
