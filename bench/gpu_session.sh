@@ -27,17 +27,17 @@ set -u -o pipefail
 STAGES=(ceilings kernel-tests gpu-tests kernels lmhead compile allocator step scale)
 # Seconds on an H200. BUDGET: the plan's estimate (sizes × rates of the device notes + compile and start
 # times); CAP: the stage's hard limit. The caps add up to at most DEADLINE, so every stage gets its slot.
-declare -A BUDGET=([setup]=15 [ceilings]=15 [kernel-tests]=45 [gpu-tests]=20 [kernels]=25 [lmhead]=55
+declare -A BUDGET=([setup]=15 [ceilings]=15 [kernel-tests]=45 [gpu-tests]=20 [kernels]=25 [lmhead]=70
   [compile]=40 [allocator]=12 [step]=35 [scale]=40)
-declare -A CAP=([setup]=30 [ceilings]=30 [kernel-tests]=70 [gpu-tests]=40 [kernels]=45 [lmhead]=80
-  [compile]=60 [allocator]=25 [step]=50 [scale]=45)
+declare -A CAP=([setup]=30 [ceilings]=30 [kernel-tests]=70 [gpu-tests]=40 [kernels]=45 [lmhead]=100
+  [compile]=50 [allocator]=20 [step]=50 [scale]=40)
 declare -A WHAT=(
   [setup]="nvidia-smi, wheels from .whl/, cmake build of engine/csrc, imports"
   [ceilings]="copy GB/s, bf16 matmul TFLOP/s at the LM-head shapes, pinned H2D/D2H GB/s"
   [kernel-tests]="pytest -m interpreter: every Triton kernel compiled, against the float64 gold"
   [gpu-tests]="pytest -m gpu: allocator, offload, attention, trainer, engine on CUDA"
   [kernels]="token_logprobs, flow_grpo_loss at N=4k,16k x V=151936: ours vs eager"
-  [lmhead]="linear_* at N=4k,16k x d=1536,3584 x V=151936: ours, materialized, eager, Liger"
+  [lmhead]="linear_* at N=4k,16k x d=1536,3584 x V=151936: fused, chunked, materialized, eager, Liger"
   [compile]="all four ops at N=16k against torch.compile of the reference"
   [allocator]="VMM pause/resume of 1, 4, 8 GiB vs pinned copies, NVML freed"
   [step]="bench step: qwen2.5-1.5b preset (random bf16 weights), embedded engine, 2 steps"
@@ -179,7 +179,7 @@ stage_argv() { # stage_argv STAGE CAP: the stage's command line into ARGV
     kernels) ARGV=("${cli[@]}" kernels --device cuda --dtype bfloat16 --ops token_logprobs,flow_grpo_loss
       --providers ours,reference --shapes "$LOGITS_SHAPES" --warmup 2 --repeats 10 --save "$OUT/${OUTPUTS[kernels]}") ;;
     lmhead) ARGV=("${cli[@]}" kernels --device cuda --dtype bfloat16 --ops linear_token_logprobs,linear_flow_grpo_loss
-      --providers "ours,materialize,reference$LIGER" --shapes "$LMHEAD_SHAPES" --warmup 1 --repeats 5
+      --providers "fused,chunked,materialize,reference$LIGER" --shapes "$LMHEAD_SHAPES" --warmup 1 --repeats 5
       --save "$OUT/${OUTPUTS[lmhead]}") ;;
     compile) ARGV=("${cli[@]}" kernels --device cuda --dtype bfloat16 --providers compiled --shapes "$COMPILE_SHAPES"
       --warmup 2 --repeats 5 --save "$OUT/${OUTPUTS[compile]}") ;;
