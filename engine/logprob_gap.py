@@ -45,12 +45,13 @@ def trainer_logprobs(model: Any, generations: Sequence[Generation], sampling: Sa
             if not g.prompt_ids:
                 raise ValueError(f"generation {i} has an empty prompt; the trainer needs the prompt ids to score it")
             n = len(g.token_ids)
+            ids = torch.tensor([g.prompt_ids + g.token_ids], dtype=torch.long, device=device)
+            # Positions P-1 .. P+n-2 predict the n sampled tokens: the last n+1 positions minus the final one.
+            # An empty generation still runs its forward: under FSDP every rank must run as many as the others.
+            logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]  # [n, V]
             if n == 0:
                 out.append(torch.zeros(0, dtype=torch.float32))
                 continue
-            ids = torch.tensor([g.prompt_ids + g.token_ids], dtype=torch.long, device=device)
-            # Positions P-1 .. P+n-2 predict the n sampled tokens: the last n+1 positions minus the final one.
-            logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]  # [n, V]
             logp = processed_logprobs(logits, sampling)
             tok = torch.tensor(g.token_ids, dtype=torch.long, device=device)
             out.append(logp.gather(-1, tok[:, None]).squeeze(-1).cpu())

@@ -274,3 +274,22 @@ def test_stats_report_held_bytes(engine):
     st = engine.stats()
     assert st["held_bytes"] == 0
     assert st["shared_weight_bytes"] == sum(p.numel() * p.element_size() for p in engine.model.parameters())
+
+
+def test_trainer_logprobs_runs_one_forward_per_generation_even_an_empty_one(engine):
+    """Under FSDP a forward is collective: a rank that skipped an empty generation's forward would leave
+    the others waiting in the all-gather. Every generation costs one forward; an empty one scores nothing."""
+    from agentflow.lm import Generation
+    from engine.logprob_gap import trainer_logprobs
+
+    s = SamplingConfig(max_new_tokens=3, temperature=1.0, seed=2)
+    full = engine.generate(_prompts(engine)[:2], s)
+    empty = Generation(prompt_ids=full[0].prompt_ids, token_ids=[], logprobs=[], text="", finish_reason="length")
+    calls = []
+    hook = engine.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = trainer_logprobs(engine.model, [full[0], empty, full[1]], s)
+    finally:
+        hook.remove()
+    assert len(calls) == 3
+    assert [t.numel() for t in out] == [len(full[0].token_ids), 0, len(full[1].token_ids)]
