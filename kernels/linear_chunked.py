@@ -17,15 +17,19 @@ on the CPU). Per chunk of rows r (loss, `_linear_chunked_loss_fwd_kernel`, one p
                                      the input dtype (`_write_dlogits`)
     dH_r = dZ · W,  dW += dZᵀ · H_r,  db += Σ_rows dZ   two GEMMs and a column sum
 
-The loss is linear in its output gradient, so the backward only scales the stored (dH, dW, db) by it.
-FLOPs: 6·N·V·d (benchmarks count 8·N·V·d for every provider). Extra memory: the [C, V] float32
-buffer, dH and dW in the input dtype held from forward to backward, and, for bf16/fp16 with more
-than one chunk, a float32 [V, d] accumulator of dW during the forward. Without grad (grad mode off
-or no input requiring it) only the stats are written and the gradient GEMMs are skipped.
+The loss is linear in its output gradient, so the backward only scales the stored (dH, dW, db) by it,
+in place (a second backward through the same forward is refused). FLOPs: 6·N·V·d (benchmarks count
+8·N·V·d for every provider). Extra memory: the [C, V] float32 buffer, dH and dW in the input dtype
+held from forward to backward, and, for bf16/fp16 with more than one chunk, a float32 [V, d]
+accumulator of dW during the forward; the buffer is freed before the accumulator is rounded to the
+input dtype, so the forward's peak beyond dH is max(buffer + fp32 dW, fp32 dW + dW). Without grad
+(grad mode off or no input requiring it) only the stats are written and the gradient GEMMs are skipped.
 
-bf16/fp16 dZ over float32 Z: each row of the bf16 view [C, 2V] (row stride 2V) starts where its
-float32 row starts, so dZ of block [j, j + BLOCK_V) lands on float32 elements [j/2, (j + BLOCK_V)/2)
-of the same row: already read, by this program only. A barrier between a block's loads and its
+The buffer's row stride V' is V rounded up to 16 (`chunk_buffer`): every row starts 64-byte aligned,
+so the epilogue reads and writes whole 16-byte vectors for any V (a tail of < 8 elements aside).
+bf16/fp16 dZ over float32 Z: each row of the bf16 view [C, 2V'] starts where its float32 row
+starts, so dZ of block [j, j + BLOCK_V) lands on float32 elements [j/2, (j + BLOCK_V)/2) of the
+same row: already read, by this program only. A barrier between a block's loads and its
 stores (`tl.debug_barrier`) keeps one thread from overwriting a word another thread has yet to read
 (the interpreter runs a block at once; there it is a no-op). float32 dZ is written element for element.
 
@@ -55,7 +59,13 @@ import triton
 import triton.language as tl
 
 from kernels.loss_common import STATS, WLOSS, LossConfig, grad_coefficients, token_stats_torch, write_token_stats
-from kernels.token_logprobs import launch_config, token_logprobs_bwd_torch, token_logprobs_fwd, token_logprobs_fwd_torch
+from kernels.token_logprobs import (
+    _dlogits,
+    launch_config,
+    token_logprobs_bwd_torch,
+    token_logprobs_fwd,
+    token_logprobs_fwd_torch,
+)
 from kernels.utils import LOGP_FLOOR, output_buffer, row_logsumexp_entropy, vector_elems
 from kernels.validation import is_interpreted
 
@@ -99,28 +109,60 @@ def chunk_rows(n: int, v: int, device: torch.device) -> int:
     return max(1, min(n, rows))
 
 
+# Row stride of the chunk buffer: a multiple of 16 float32 elements, so every row starts 64-byte aligned
+ROW_STRIDE_MULTIPLE = 16
+
+
+def chunk_buffer(rows: int, v: int, device: torch.device) -> torch.Tensor:
+    """float32 [rows, V] over a [rows, V'] buffer, V' = V rounded up to `ROW_STRIDE_MULTIPLE`: rows start
+    16-byte aligned for any V (the epilogue's vector loads and stores; GEMMs write the view in place,
+    cuBLAS with ldc = V')."""
+    padded = -(-v // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+    return torch.empty((rows, padded), dtype=torch.float32, device=device)[:, :v]
+
+
 @triton.jit
 def _write_dlogits(
-    z_row, dz_row, target, lse, entropy, g, h, V, inv_t, HAS_H: tl.constexpr, SYNC: tl.constexpr, BLOCK_V: tl.constexpr
+    z_row,
+    dz_row,
+    target,
+    lse,
+    entropy,
+    g,
+    h,
+    V,
+    inv_t,
+    HAS_H: tl.constexpr,
+    SYNC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """dZ_v = [g (1[v = target] − p_v) − h p_v (log p_v + H)] / T over one row, p = exp(z / T − lse),
-    stored at `dz_row` (which may alias `z_row`, see the module docstring; SYNC: a smaller dtype)."""
+    stored at `dz_row` (which may alias `z_row`, see the module docstring; SYNC: a smaller dtype).
+
+    Rows start 16-byte aligned (`chunk_buffer` pads the row stride), so the body [0, V − V mod VEC)
+    moves in 16-byte vectors of both dtypes (VEC: elements of dZ's dtype per 16 bytes); the tail
+    (< VEC elements) comes after it: its stores land on float32 elements the body has already read."""
     active = (g != 0.0).to(tl.int32)
     if HAS_H:
         active = active | (h != 0.0).to(tl.int32)
-    n_read = V * active  # masked rows read nothing: z = −inf, p = 0, dZ = 0
+    n_body = tl.multiple_of((V // VEC) * VEC, VEC)
+    n_read = tl.multiple_of(n_body * active, VEC)  # masked rows read nothing: z = −inf, p = 0, dZ = 0
+    out_ty = dz_row.dtype.element_ty
     offs = tl.arange(0, BLOCK_V)  # [BLOCK_V]
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, n_body, BLOCK_V):
         cols = start + offs
-        z = tl.load(z_row + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_V]
-        logp_v = z - lse
-        p = tl.exp(logp_v)  # [BLOCK_V]
-        grad = tl.where(cols == target, g, 0.0) - g * p
-        if HAS_H:
-            grad -= h * p * tl.where(p > 0.0, logp_v + entropy, 0.0)  # dH/dz = −p (log p + H); 0 where p = 0
+        z = tl.load(z_row + cols, mask=cols < n_read, other=float("-inf"))  # [BLOCK_V]
+        grad = _dlogits(z, target, cols, lse, g, h, entropy, inv_t, HAS_H)
         if SYNC:
             tl.debug_barrier()  # every thread has read this block before any overwrites part of it
-        tl.store(dz_row + cols, (grad * inv_t).to(dz_row.dtype.element_ty), mask=cols < V)
+        tl.store(dz_row + cols, grad.to(out_ty), mask=cols < n_body)
+    tail = n_body + tl.arange(0, VEC)  # [VEC]
+    z = tl.load(z_row + tail, mask=tail < V * active, other=float("-inf"))
+    grad = _dlogits(z, target, tail, lse, g, h, entropy, inv_t, HAS_H)
+    if SYNC:
+        tl.debug_barrier()
+    tl.store(dz_row + tail, grad.to(out_ty), mask=tail < V)
 
 
 @triton.jit
@@ -152,6 +194,7 @@ def _linear_chunked_loss_fwd_kernel(
     SYNC: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
+    DVEC: tl.constexpr,
 ):
     local = tl.program_id(0).to(tl.int64)  # row of the chunk; int64: local · stride may pass 2^31
     row = row0 + local  # row of the batch
@@ -183,7 +226,8 @@ def _linear_chunked_loss_fwd_kernel(
         h = 0.0
         if HAS_H:
             h = -tl.load(w_ptr + row) * entropy_coef  # d (w · loss_t) / d H
-        _write_dlogits(z_row, dz_ptr + local * stride_dz, target, lse, entropy, g, h, V, inv_t, HAS_H, SYNC, BLOCK_V)
+        dz_row = dz_ptr + local * stride_dz
+        _write_dlogits(z_row, dz_row, target, lse, entropy, g, h, V, inv_t, HAS_H, SYNC, BLOCK_V, DVEC)
 
 
 @triton.jit
@@ -203,6 +247,7 @@ def _linear_chunked_logprobs_bwd_kernel(
     HAS_H: tl.constexpr,
     SYNC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     local = tl.program_id(0).to(tl.int64)
     row = row0 + local
@@ -214,20 +259,19 @@ def _linear_chunked_logprobs_bwd_kernel(
     if HAS_H:
         h = tl.load(h_ptr + row)
         entropy = tl.load(entropy_ptr + row)
-    _write_dlogits(
-        z_ptr + local * stride_z, dz_ptr + local * stride_dz, target, lse, entropy, g, h, V, inv_t, HAS_H, SYNC, BLOCK_V
-    )
+    z_row, dz_row = z_ptr + local * stride_z, dz_ptr + local * stride_dz
+    _write_dlogits(z_row, dz_row, target, lse, entropy, g, h, V, inv_t, HAS_H, SYNC, BLOCK_V, VEC)
 
 
 class _ChunkGemms:
     """The GEMMs of the chunked algorithm over one (hidden, weight, bias): per chunk the float32 logits,
-    then d hidden / d weight / d bias (`needs`) accumulated from the chunk's dZ; `result()` at the end."""
+    then d hidden / d weight / d bias (`needs`) accumulated from the chunk's dZ (`run`)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs, rows: int):
         n, d = hidden.shape
         v = weight.shape[0]
         dev, dtype = hidden.device, hidden.dtype
-        self.hidden, self.weight, self.dtype = hidden, weight, dtype
+        self.hidden, self.weight, self.dtype, self.rows = hidden, weight, dtype, rows
         self.half = dtype != torch.float32
         self.mixed = self.half and dev.type == "cuda"  # cuBLAS: bf16/fp16 in, float32 out
         # without CUDA the products of bf16/fp16 run on float32 copies (exact): the weight's once per call
@@ -283,20 +327,33 @@ class _ChunkGemms:
         if self.db_acc is not None:
             self.db_acc += dz.sum(dim=0, dtype=torch.float32)
 
-    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def run(self, epilogue) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Per chunk of rows `sl`: the logits GEMM into one reused `chunk_buffer` z, `epilogue(z, sl)` (dZ
+        over z, or None) and the gradient GEMMs of that dZ. The buffer is freed before d weight is
+        converted to the input dtype. Returns (d hidden, d weight, d bias), None where not asked."""
+        n, v = self.hidden.shape[0], self.weight.shape[0]
+        dev = self.hidden.device
+        buf = chunk_buffer(self.rows, v, dev)
+        z = dz = None
+        with torch.autocast(dev.type, enabled=False):
+            for i in range(0, n, self.rows):
+                sl = slice(i, min(i + self.rows, n))
+                z = buf[: sl.stop - sl.start]
+                self.logits(z, sl)
+                dz = epilogue(z, sl)
+                if dz is not None:
+                    self.accumulate(dz, sl)
+        del buf, z, dz
         dw = self.dw if self.dw_acc is None else self.dw_acc.to(self.dtype)
+        self.dw_acc = None
         db = None if self.db_acc is None else self.db_acc.to(self.dtype)
         return self.dh, dw, db
 
 
-def _chunks(n: int, rows: int):
-    for i in range(0, n, rows):
-        yield slice(i, min(i + rows, n))
-
-
-def _dz_view(z: torch.Tensor, dtype: torch.dtype, v: int) -> torch.Tensor:
-    """dZ [rows, V] of `dtype` over the float32 logits buffer `z` (row stride in `dtype` elements: 4V / itemsize)."""
-    return z if dtype == torch.float32 else z.view(dtype)[:, :v]
+def _dz_view(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dZ [rows, V] of `dtype` over the float32 logits `z` (a `chunk_buffer` view): each dZ row starts
+    where its float32 row starts (row stride 4V' / itemsize elements of `dtype`)."""
+    return z if dtype == torch.float32 else z.view(dtype)[:, : z.shape[1]]
 
 
 def linear_flow_grpo_loss_chunked_fwd(
@@ -318,29 +375,19 @@ def linear_flow_grpo_loss_chunked_fwd(
     targets, old_logprobs, advantages, weights = (x.contiguous() for x in (targets, old_logprobs, advantages, weights))
     ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
     n = hidden.shape[0]
-    v = weight.shape[0]
-    dev = hidden.device
     grad = any(needs)
-    rows = chunk_rows(n, v, dev)
-    gemms = _ChunkGemms(hidden, weight, bias, needs, rows)
-    stats = output_buffer((len(STATS), n), dtype=torch.float32, device=dev)
-    buf = torch.empty((rows, v), dtype=torch.float32, device=dev)
-    with torch.autocast(dev.type, enabled=False):
-        for sl in _chunks(n, rows):
-            z = buf[: sl.stop - sl.start]
-            gemms.logits(z, sl)
-            if impl == "triton":
-                dz = _dz_view(z, hidden.dtype, v)
-                _loss_epilogue(
-                    z, dz, sl.start, targets, old_logprobs, advantages, ref_logprobs, weights, stats, config, grad
-                )
-            else:
-                dz = _loss_epilogue_torch(
-                    z, sl, targets, old_logprobs, advantages, ref_logprobs, weights, stats, config, grad
-                )
-            if grad:
-                gemms.accumulate(dz, sl)
-    return stats, gemms.result()
+    gemms = _ChunkGemms(hidden, weight, bias, needs, chunk_rows(n, weight.shape[0], hidden.device))
+    stats = output_buffer((len(STATS), n), dtype=torch.float32, device=hidden.device)
+    per_token = (targets, old_logprobs, advantages, ref_logprobs, weights, stats, config, grad)
+
+    def epilogue(z: torch.Tensor, sl: slice) -> torch.Tensor | None:
+        if impl == "triton":
+            dz = _dz_view(z, hidden.dtype)
+            _loss_epilogue(z, dz, sl.start, *per_token)
+            return dz if grad else None
+        return _loss_epilogue_torch(z, sl, *per_token)
+
+    return stats, gemms.run(epilogue)
 
 
 def _loss_epilogue(z, dz, row0, targets, old, adv, ref, weights, stats, config: LossConfig, grad: bool) -> None:
@@ -370,6 +417,7 @@ def _loss_epilogue(z, dz, row0, targets, old, adv, ref, weights, stats, config: 
         SYNC=dz.dtype.itemsize < z.dtype.itemsize,
         BLOCK_V=block_v,
         VEC=vector_elems(z.dtype),
+        DVEC=vector_elems(dz.dtype),
         num_warps=num_warps,
     )
 
@@ -419,12 +467,20 @@ class LinearChunkedLossFunction(torch.autograd.Function):
             hidden, weight, bias, targets, old, adv, ref, weights, config, needs=needs, impl=impl
         )
         ctx.save_for_backward(*grads)
+        ctx.scaled = False
         ctx.mark_non_differentiable(stats)
         return stats[WLOSS].sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        grads = tuple(None if x is None else x * grad_loss for x in ctx.saved_tensors)
+        # scaled in place: one copy of d weight, not two (the stored one and its scaled copy)
+        if ctx.scaled:
+            raise RuntimeError(
+                "backward through the chunked LM-head loss ran twice; its gradient is formed in the forward and "
+                "scaled in place by the first backward: run the loss's forward again instead of retain_graph=True"
+            )
+        ctx.scaled = True
+        grads = tuple(None if x is None else x.mul_(grad_loss) for x in ctx.saved_tensors)
         return *grads, *([None] * 8)
 
 
@@ -440,23 +496,19 @@ def linear_token_logprobs_chunked_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """float32 (logp [N], entropy [N] or None, lse [N]): per chunk the GEMM and `token_logprobs`' row pass."""
     n = hidden.shape[0]
-    v = weight.shape[0]
     dev = hidden.device
     logp = output_buffer((n,), dtype=torch.float32, device=dev)
     lse = output_buffer((n,), dtype=torch.float32, device=dev)
     entropy = output_buffer((n,), dtype=torch.float32, device=dev) if with_entropy else None
-    rows = chunk_rows(n, v, dev)
-    gemms = _ChunkGemms(hidden, weight, bias, (False, False, False), rows)
-    buf = torch.empty((rows, v), dtype=torch.float32, device=dev)
     fwd = token_logprobs_fwd if impl == "triton" else token_logprobs_fwd_torch
-    with torch.autocast(dev.type, enabled=False):
-        for sl in _chunks(n, rows):
-            z = buf[: sl.stop - sl.start]
-            gemms.logits(z, sl)
-            lp, ent, ls = fwd(z, targets[sl], temperature=temperature, with_entropy=with_entropy)
-            logp[sl], lse[sl] = lp, ls
-            if with_entropy:
-                entropy[sl] = ent
+
+    def epilogue(z: torch.Tensor, sl: slice) -> None:
+        lp, ent, ls = fwd(z, targets[sl], temperature=temperature, with_entropy=with_entropy)
+        logp[sl], lse[sl] = lp, ls
+        if with_entropy:
+            entropy[sl] = ent
+
+    _ChunkGemms(hidden, weight, bias, (False, False, False), chunk_rows(n, weight.shape[0], dev)).run(epilogue)
     return logp, entropy, lse
 
 
@@ -482,49 +534,37 @@ def linear_token_logprobs_chunked_bwd(
     if has_h:
         h, entropy = h.to(torch.float32).contiguous(), entropy.contiguous()
     n = hidden.shape[0]
-    v = weight.shape[0]
-    dev = hidden.device
-    rows = chunk_rows(n, v, dev)
-    gemms = _ChunkGemms(hidden, weight, bias, needs, rows)
-    buf = torch.empty((rows, v), dtype=torch.float32, device=dev)
-    with torch.autocast(dev.type, enabled=False):
-        for sl in _chunks(n, rows):
-            z = buf[: sl.stop - sl.start]
-            gemms.logits(z, sl)
-            if impl == "triton":
-                dz = _dz_view(z, hidden.dtype, v)
-                block_v, num_warps = launch_config(v, z.dtype, is_interpreted(_linear_chunked_logprobs_bwd_kernel))
-                _linear_chunked_logprobs_bwd_kernel[(z.shape[0],)](
-                    z,
-                    dz,
-                    targets,
-                    lse,
-                    entropy if has_h else lse,
-                    g,
-                    h if has_h else g,
-                    sl.start,
-                    v,
-                    z.stride(0),
-                    dz.stride(0),
-                    1.0 / temperature,
-                    HAS_H=has_h,
-                    SYNC=dz.dtype.itemsize < z.dtype.itemsize,
-                    BLOCK_V=block_v,
-                    num_warps=num_warps,
-                )
-            else:
-                dz = token_logprobs_bwd_torch(
-                    z,
-                    targets[sl],
-                    lse[sl],
-                    entropy[sl] if has_h else None,
-                    g[sl],
-                    h[sl] if has_h else None,
-                    temperature=temperature,
-                    inplace=True,
-                )
-            gemms.accumulate(dz, sl)
-    return gemms.result()
+
+    def epilogue(z: torch.Tensor, sl: slice) -> torch.Tensor:
+        if impl != "triton":
+            hs, es = (h[sl], entropy[sl]) if has_h else (None, None)
+            return token_logprobs_bwd_torch(
+                z, targets[sl], lse[sl], es, g[sl], hs, temperature=temperature, inplace=True
+            )
+        dz = _dz_view(z, hidden.dtype)
+        block_v, num_warps = launch_config(z.shape[1], z.dtype, is_interpreted(_linear_chunked_logprobs_bwd_kernel))
+        _linear_chunked_logprobs_bwd_kernel[(z.shape[0],)](
+            z,
+            dz,
+            targets,
+            lse,
+            entropy if has_h else lse,
+            g,
+            h if has_h else g,
+            sl.start,
+            z.shape[1],
+            z.stride(0),
+            dz.stride(0),
+            1.0 / temperature,
+            HAS_H=has_h,
+            SYNC=dz.dtype.itemsize < z.dtype.itemsize,
+            BLOCK_V=block_v,
+            VEC=vector_elems(dz.dtype),
+            num_warps=num_warps,
+        )
+        return dz
+
+    return _ChunkGemms(hidden, weight, bias, needs, chunk_rows(n, weight.shape[0], hidden.device)).run(epilogue)
 
 
 class LinearChunkedLogprobsFunction(torch.autograd.Function):

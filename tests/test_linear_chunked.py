@@ -240,3 +240,34 @@ def test_chunk_rows_budget(monkeypatch):
     assert lc.chunk_rows(20, 10**9, cpu) == 1  # at least one row
     monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 50)
     assert lc.chunk_rows(1000, 1000, cpu) == 50 and lc.chunk_rows(20, 1000, cpu) == 20
+
+
+@pytest.mark.parametrize("v", [1, 97, 300, 1000, 5003])
+def test_chunk_buffer_rows_start_aligned(v):
+    """Every row of the chunk buffer starts 64-byte aligned for any V (the epilogue's 16-byte vectors), and a
+    GEMM writes the padded view in place; the bf16 dZ view starts each row where its float32 row starts."""
+    z = lc.chunk_buffer(7, v, torch.device("cpu"))
+    assert z.shape == (7, v) and z.dtype == F32
+    assert z.stride() == (-(-v // 16) * 16, 1)
+    assert all(z[i].data_ptr() % 64 == 0 for i in range(7))
+    a, b = torch.randn(7, 5), torch.randn(v, 5)
+    ptr = z.data_ptr()
+    torch.mm(a, b.t(), out=z)
+    assert z.data_ptr() == ptr
+    assert_close(z, a.double() @ b.double().t(), dtype=F32, name="logits")
+    dz = lc._dz_view(z, BF16)
+    assert dz.shape == (7, v) and all(dz[i].data_ptr() == z[i].data_ptr() for i in range(7))
+
+
+@IMPLS
+def test_second_backward_is_refused(impl):
+    """The gradient is formed in the forward and scaled in place by the backward: a second backward through
+    the same forward (retain_graph) would scale it twice, so it is an error."""
+    hidden, weight, _, args, _ = split(make_inputs(9, 32, 97, F32, seed=4))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_flow_grpo_loss(h, w, *args, LossConfig(), impl=impl, algorithm="chunked")
+    out.loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    with pytest.raises(RuntimeError, match=r"backward through the chunked LM-head loss ran twice"):
+        out.loss.backward()
+    assert torch.equal(w.grad, first)
