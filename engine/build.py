@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from engine.model import build_random_model, check_model_dir, load_planner, num_parameters, preset_config, resolve_dtype
+from engine.memory_model import Shape, one_process_state
+from engine.model import build_random_model, check_model_dir, load_planner, preset_config
 from engine.presets import HelperConfig, ModelConfig, RolloutConfig, RunConfig
 from engine.rollout.protocol import RolloutEngine
 
@@ -69,12 +70,10 @@ def build_tokenizer(model: ModelConfig, model_dir: Path | None, run_dir: Path, n
 
 def check_fits(arch: Any, dtype: str, device: torch.device) -> None:
     """Refuse random weights that cannot train on `device`: weights + grads + AdamW's two moments."""
-    n = num_parameters(build_random_model(arch, dtype=dtype, device="meta"))
-    need = 4 * n * resolve_dtype(dtype).itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    shape = Shape.from_config(arch)
+    n = shape.params
+    need = one_process_state(shape, reference=False, vllm=False, dtype=dtype)["train"]
+    free = device_free_bytes(device)
     if need > free:
         raise ValueError(
             f"{n / 1e9:.2f}B parameters in {dtype} need about {need / GiB:.1f} GiB for weights, gradients and AdamW "
@@ -112,10 +111,12 @@ def device_free_bytes(device: torch.device) -> int:
 
 
 def recipe_bytes(config: RunConfig, model_dir: Path | None) -> dict[str, int]:
-    """Bytes the run needs on its device, by part, at the peak of each phase (KV cache and activations not
-    counted): training holds weights, gradients and AdamW's two moments (all in the model dtype) and the
-    reference copy; the rollout holds the weights, the reference, a vLLM policy engine's copy and a vLLM
-    helper's weights (the helper sleeps during training, its weights in host memory)."""
+    """Bytes one process of the run needs on its device at the peak of each phase, KV cache and activations
+    not counted: `engine.memory_model.state_bytes` at world 1. Training holds the weights, gradients and
+    AdamW's two moments (all in the model dtype) and the reference copy; the rollout holds the weights, the
+    reference, a vLLM policy engine's copy (the engine `choose_engine` picks; the embedded engine samples from
+    the trainer's weights) and a vLLM helper's weights (the helper sleeps during training, its weights in host
+    memory)."""
     mc = config.model
     if model_dir is not None:
         from transformers import AutoConfig
@@ -125,12 +126,16 @@ def recipe_bytes(config: RunConfig, model_dir: Path | None) -> dict[str, int]:
         arch = preset_config(mc.arch)
         for k, v in mc.arch_overrides.items():
             setattr(arch, k, v)
-    n = num_parameters(build_random_model(arch, dtype=mc.dtype, device="meta"))
-    w = n * resolve_dtype(mc.dtype).itemsize
-    ref = w if config.trainer.kl_coef > 0 else 0
-    engine = w if config.rollout.engine == "vllm" else 0
-    helper = w if config.helper.kind == "vllm" else 0
-    return {"params": n, "train": 4 * w + ref, "rollout": w + ref + engine + helper}
+    shape = Shape.from_config(arch)
+    want = config.rollout.engine
+    need = one_process_state(
+        shape,
+        reference=config.trainer.kl_coef > 0,
+        vllm=want == "vllm" or choose_engine(want, model_dir)[0] == "vllm",
+        vllm_helper=config.helper.kind == "vllm",
+        dtype=mc.dtype,
+    )
+    return {"params": shape.params, **need}
 
 
 def check_recipe_fits(config: RunConfig, model_dir: Path | None, device: torch.device) -> None:

@@ -1,14 +1,16 @@
-"""`flowgrpo bench memory`: the computed per-rank memory rests on exact parameter and KV-cache counts."""
+"""`engine.memory_model` and `flowgrpo bench memory`: the computed memory rests on exact parameter and KV-cache
+counts, and the one-process preflight (`engine.build.recipe_bytes`) is the same model at world 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from bench.memory import GiB, Layout, load_shape, rank_memory
+from engine.memory_model import GiB, Layout, load_shape, one_process_state, rank_memory
 from engine.model import MODEL_SHAPES
 from engine.rollout.vllm_engine import kv_bytes_per_token
 
@@ -73,3 +75,50 @@ def test_cli_prints_table_and_json():
         [sys.executable, "-m", "engine.cli", "bench", "memory", "--tp", "3"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_one_process_gathers_nothing_and_its_state_is_weights_grads_moments():
+    shape = load_shape("qwen2.5-1.5b")[1]
+    plan = rank_memory(shape, Layout(nproc_per_node=1, reference=False, vllm_helper=True))
+    assert plan["train"]["gathered root + 2 layers"] == plan["train"]["unsharded gradients (root + 1 layer)"] == 0
+    assert plan["rollout"]["weight sync (largest group gathered)"] == 0  # no FSDP at world 1: nothing to gather
+    w = shape.params * 2
+    state = one_process_state(shape, reference=False, vllm_helper=True)
+    assert state == {"train": 4 * w, "rollout": 3 * w, "host": 2 * w}  # no activations, loss or KV cache
+    assert one_process_state(shape, vllm=False)["rollout"] == 2 * w  # the embedded engine shares the weights
+
+
+def test_recipe_bytes_is_the_one_process_model(tmp_path):
+    from engine.build import choose_engine, recipe_bytes
+    from engine.presets import preset
+
+    cfg = preset("agentflow", run_dir=str(tmp_path / "af"))
+    (tmp_path / "config.json").write_text(json.dumps(MODEL_SHAPES["qwen2.5-1.5b"]))
+    shape = load_shape(str(tmp_path))[1]
+    need = recipe_bytes(cfg, tmp_path)
+    w = shape.params * 2
+    # auto picks vLLM for a model directory where vLLM is installed: its copy of the weights is counted
+    engine_copy = w if choose_engine(cfg.rollout.engine, tmp_path)[0] == "vllm" else 0
+    assert (need["params"], need["train"], need["rollout"]) == (shape.params, 5 * w, 3 * w + engine_copy)
+    embedded = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="embedded"))
+    assert recipe_bytes(embedded, tmp_path)["rollout"] == 3 * w
+
+
+def test_importing_the_model_loads_no_framework():
+    code = "import sys, engine.memory_model; print(sorted({'torch', 'transformers', 'vllm'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_random_weights_check_counts_weights_grads_and_moments():
+    import torch
+
+    from engine.build import check_fits, device_free_bytes
+    from engine.model import preset_config
+
+    cpu = torch.device("cpu")
+    if device_free_bytes(cpu) < 4 * 2 * 7_615_616_512:  # e.g. a 24 GiB CPU machine
+        with pytest.raises(ValueError, match=r"^7.62B parameters in bfloat16 need about 56.7 GiB for weights, grad"):
+            check_fits(preset_config("qwen2.5-7b"), "bfloat16", cpu)
+    else:
+        check_fits(preset_config("qwen2.5-7b"), "bfloat16", cpu)

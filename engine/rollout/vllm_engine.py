@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from engine import memory_model
 from engine.device_memory import explain_oom, is_oom
 from engine.preflight import check_model_dir
 from engine.rollout.protocol import (
@@ -103,15 +104,13 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def kv_bytes_per_token(model_dir: str | Path, dtype: str = "auto") -> int:
-    """KV-cache bytes one token takes: 2 (K and V) x layers x KV heads x head_dim x element size."""
+    """KV-cache bytes one token of the checkpoint in `model_dir` takes (`engine.memory_model.kv_bytes_per_token`
+    of its config.json; "auto": the checkpoint's dtype)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
+    layers, _, kv_heads, head_dim = memory_model.attention_dims(config)
     if dtype == "auto":
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    size = 4 if dtype == "float32" else 2
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * size
+    return memory_model.kv_bytes_per_token(layers, kv_heads, head_dim, 4 if dtype == "float32" else 2)
 
 
 def cpu_default_kv_bytes(model_dir: str | Path, dtype: str, max_model_len: int) -> int:
