@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from engine.attention import enable_packed_attention
+from engine.memory_model import attention_dims
 from engine.packing import MicroBatch
 from engine.preflight import check_model_dir
 
@@ -222,18 +223,8 @@ def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
 
 
 def _dims(config) -> tuple[int, int, int, int, int, int, int]:
-    d = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    return (
-        d,
-        config.num_hidden_layers,
-        heads,
-        config.num_key_value_heads,
-        head_dim,
-        config.intermediate_size,
-        config.vocab_size,
-    )
+    layers, heads, kv_heads, head_dim = attention_dims(config)
+    return config.hidden_size, layers, heads, kv_heads, head_dim, config.intermediate_size, config.vocab_size
 
 
 def body_params(config) -> int:
