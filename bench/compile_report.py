@@ -228,7 +228,7 @@ def record_launches(dtypes: tuple[torch.dtype, ...] | None = None) -> list[Launc
     return sink
 
 
-def _record_chunked(dtype, losses, case, loss_fwd, logprobs_fwd, logprobs_bwd) -> None:
+def _record_chunked(dtype, losses, case, loss_fwd, logprobs_fwd, logprobs_bwd, vs=CHUNKED_VS) -> None:
     """The chunked algorithm's epilogues (`kernels.linear_chunked`): N = CHUNKED_N rows (one chunk; the
     grid is one program per row of a chunk, so N changes nothing compiled), d = LINEAR_D, V = 151 936 and
     151 665; the loss with and without the gradient, with the entropy term, and every (ref, dual clip)."""
@@ -237,7 +237,7 @@ def _record_chunked(dtype, losses, case, loss_fwd, logprobs_fwd, logprobs_bwd) -
     n = CHUNKED_N
     lse, ent, g, h, old, w = (_empty(n) for _ in range(6))
     targets = torch.zeros(n, dtype=torch.long)
-    for v in CHUNKED_VS:
+    for v in vs:
         hidden, weight = _empty(n, LINEAR_D, dtype=dtype), _empty(v, LINEAR_D, dtype=dtype)
         case[0] = f"chunked N={n} d={LINEAR_D} V={v}"
         for loss in [*losses[::3], LossConfig(entropy_coef=0.01)]:

@@ -22,7 +22,8 @@ in place (a second backward through the same forward is refused). FLOPs: 6·N·V
 8·N·V·d for every provider). Extra memory: the [C, V] float32 buffer, dH and dW in the input dtype
 held from forward to backward, and, for bf16/fp16 with more than one chunk, a float32 [V, d]
 accumulator of dW during the forward; the buffer is freed before the accumulator is rounded to the
-input dtype, so the forward's peak beyond dH is max(buffer + fp32 dW, fp32 dW + dW). Without grad
+input dtype, so the forward's peak beyond dH is max(buffer + fp32 dW, fp32 dW + dW) (without CUDA, plus
+the float32 copy of a bf16/fp16 weight, see below). Without grad
 (grad mode off or no input requiring it) only the stats are written and the gradient GEMMs are skipped.
 
 The buffer's row stride V' is V rounded up to 16 (`chunk_buffer`): every row starts 64-byte aligned,
@@ -84,6 +85,8 @@ CHUNK_MIN_ROWS_CPU = 256
 CHUNK_MAX_BYTES_CUDA = 2 << 30
 CHUNK_FREE_FRACTION_CUDA = 0.25
 CHUNK_ROW_MULTIPLE_CUDA = 128  # whole GEMM tiles per chunk
+# Row stride of the chunk buffer: a multiple of 16 float32 elements, so every row starts 64-byte aligned
+ROW_STRIDE_MULTIPLE = 16
 
 
 def resolve_algorithm(algorithm: str, device: torch.device) -> str:
@@ -95,30 +98,31 @@ def resolve_algorithm(algorithm: str, device: torch.device) -> str:
     return algorithm
 
 
+def padded_width(v: int) -> int:
+    """V' = V rounded up to `ROW_STRIDE_MULTIPLE`: the chunk buffer's row stride."""
+    return -(-v // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+
+
 def chunk_rows(n: int, v: int, device: torch.device) -> int:
-    """Rows C of a chunk: the float32 [C, V] buffer within the budget (on the CPU at least
+    """Rows C of a chunk: the float32 [C, V'] buffer within the budget (on the CPU at least
     `CHUNK_MIN_ROWS_CPU`), at least one row, at most N."""
+    row_bytes = 4 * padded_width(v)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(CHUNK_MAX_BYTES_CUDA, int(free * CHUNK_FREE_FRACTION_CUDA))
-        rows = budget // (4 * v)
+        rows = budget // row_bytes
         if rows >= CHUNK_ROW_MULTIPLE_CUDA:
             rows -= rows % CHUNK_ROW_MULTIPLE_CUDA
     else:
-        rows = max(CHUNK_BYTES_CPU // (4 * v), CHUNK_MIN_ROWS_CPU)
+        rows = max(CHUNK_BYTES_CPU // row_bytes, CHUNK_MIN_ROWS_CPU)
     return max(1, min(n, rows))
-
-
-# Row stride of the chunk buffer: a multiple of 16 float32 elements, so every row starts 64-byte aligned
-ROW_STRIDE_MULTIPLE = 16
 
 
 def chunk_buffer(rows: int, v: int, device: torch.device) -> torch.Tensor:
     """float32 [rows, V] over a [rows, V'] buffer, V' = V rounded up to `ROW_STRIDE_MULTIPLE`: rows start
     16-byte aligned for any V (the epilogue's vector loads and stores; GEMMs write the view in place,
     cuBLAS with ldc = V')."""
-    padded = -(-v // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
-    return torch.empty((rows, padded), dtype=torch.float32, device=device)[:, :v]
+    return torch.empty((rows, padded_width(v)), dtype=torch.float32, device=device)[:, :v]
 
 
 @triton.jit
@@ -146,8 +150,9 @@ def _write_dlogits(
     active = (g != 0.0).to(tl.int32)
     if HAS_H:
         active = active | (h != 0.0).to(tl.int32)
-    n_body = tl.multiple_of((V // VEC) * VEC, VEC)
-    n_read = tl.multiple_of(n_body * active, VEC)  # masked rows read nothing: z = −inf, p = 0, dZ = 0
+    # no tl.multiple_of: Triton passes V = 1 as a constant, which it rejects; it derives the divisibility itself
+    n_body = (V // VEC) * VEC
+    n_read = n_body * active  # masked rows read nothing: z = −inf, p = 0, dZ = 0
     out_ty = dz_row.dtype.element_ty
     offs = tl.arange(0, BLOCK_V)  # [BLOCK_V]
     for start in range(0, n_body, BLOCK_V):

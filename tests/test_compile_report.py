@@ -99,6 +99,40 @@ def test_fp32_lm_head_backward_does_not_spill():
     assert c["spill_st"] == c["spill_ld"] == 0, c
 
 
+SMALL_V_SCRIPT = r"""
+import json
+import torch
+from bench import compile_report as cr
+from kernels import LossConfig
+from kernels.linear_chunked import (
+    linear_flow_grpo_loss_chunked_fwd,
+    linear_token_logprobs_chunked_bwd,
+    linear_token_logprobs_chunked_fwd,
+)
+
+with cr.recording() as (sink, case):
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        case[1] = name
+        cr._record_chunked(dtype, [LossConfig()], case, linear_flow_grpo_loss_chunked_fwd,
+                           linear_token_logprobs_chunked_fwd, linear_token_logprobs_chunked_bwd, vs=(1, 7))
+print(json.dumps([[c.kernel, c.dtype, c.case] for c in cr.compile_all(sink)]))
+"""
+
+
+def test_chunked_epilogues_compile_at_tiny_vocabularies():
+    """The chunked algorithm's epilogues compile for sm_90 at V = 1 (Triton passes an integer 1 as a constant,
+    which `tl.multiple_of` rejected) and V = 7 (less than one 16-byte vector of bf16), bf16 and fp32."""
+    needs_cuda_backend()
+    r = run_script(["-c", SMALL_V_SCRIPT], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    compiled = json.loads(r.stdout.strip().splitlines()[-1])
+    kernels = {k for k, _, _ in compiled}
+    assert {"_linear_chunked_loss_fwd_kernel", "_linear_chunked_logprobs_bwd_kernel"} <= kernels
+    assert {(k, dt, "V=1" in case) for k, dt, case in compiled} >= {
+        ("_linear_chunked_loss_fwd_kernel", dt, one) for dt in ("bf16", "fp32") for one in (True, False)
+    }
+
+
 def result(**kw) -> CompileResult:
     base = {
         "kernel": "_k",

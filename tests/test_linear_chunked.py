@@ -37,7 +37,7 @@ def chunk_of(monkeypatch):
     """chunk_of(rows, v): chunks of `rows` rows for a vocabulary of v (the CPU byte budget lowered)."""
 
     def set_rows(rows: int, v: int) -> None:
-        monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", rows * 4 * v)
+        monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", rows * 4 * lc.padded_width(v))
         monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 1)
         assert lc.chunk_rows(10_000, v, torch.device("cpu")) == rows
 
@@ -233,7 +233,7 @@ def test_algorithm_choice():
 
 def test_chunk_rows_budget(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", 4 * 1000 * 37 + 5)
+    monkeypatch.setattr(lc, "CHUNK_BYTES_CPU", 4 * 1008 * 37 + 5)  # rows of V' = 1008 (1000 padded to 16)
     monkeypatch.setattr(lc, "CHUNK_MIN_ROWS_CPU", 1)
     assert lc.chunk_rows(1000, 1000, cpu) == 37
     assert lc.chunk_rows(20, 1000, cpu) == 20  # never more than N
@@ -248,7 +248,7 @@ def test_chunk_buffer_rows_start_aligned(v):
     GEMM writes the padded view in place; the bf16 dZ view starts each row where its float32 row starts."""
     z = lc.chunk_buffer(7, v, torch.device("cpu"))
     assert z.shape == (7, v) and z.dtype == F32
-    assert z.stride() == (-(-v // 16) * 16, 1)
+    assert z.stride() == (lc.padded_width(v), 1) and lc.padded_width(v) % 16 == 0 and lc.padded_width(v) - v < 16
     assert all(z[i].data_ptr() % 64 == 0 for i in range(7))
     a, b = torch.randn(7, 5), torch.randn(v, 5)
     ptr = z.data_ptr()
