@@ -17,8 +17,9 @@ itself, so every rank of a group must make the same engine calls with the same p
   `*_calls`) are summed, `*_max`/`*/max` take the maximum, `*_min`/`*/min` the minimum, the rest is
   the mean over ranks; rollout-side keys (`rollout/`, `adv/`, `reward/`, `helper/`) are taken from one
   rank per rollout group (the TP ranks of a group report the same rollout); validation (`val/`) runs the
-  whole set on every rank, so rank 0's line is kept. `dist/*` records the
-  layout (world, tp, the trainer mesh's replicate and fsdp sizes) and the spread of the rollout (`gen`) and step time between the fastest and slowest rank.
+  whole set on every rank, so rank 0's line is kept. `dist/*` records the layout (world, tp, the
+  trainer mesh's replicate and fsdp sizes) and the spread of the rollout (`gen`) and step time
+  between the fastest and slowest rank.
 
 Simplifications: one rollout layout (tensor parallel within a group, data parallel across groups);
 no pipeline parallelism; the run directory must be shared by all ranks (one node, or a shared file
