@@ -33,7 +33,7 @@ says so.
 Simplifications: the checkpoint directory must be visible to all ranks at the same path (one node,
 or a shared filesystem across nodes), as for DCP's `FileSystemWriter`; saving is synchronous (no
 `async_save`); on an HSDP mesh the replicas hold equal shards and DCP's planner writes each once
-(the tests here use the 1-D mesh).
+(tests/test_dist_train.py saves on a two-node HSDP mesh and resumes on it and on a one-node FSDP mesh).
 """
 
 from __future__ import annotations

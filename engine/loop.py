@@ -302,7 +302,8 @@ class TrainLoop:
         if self.ranks.distributed:
             r = self.ranks
             self.notes.append(
-                f"{r.dp.world} processes: FSDP2 trainer, {r.num_groups} rollout groups of tp {r.tp} ranks, "
+                f"{r.dp.world} processes on {r.dp.nodes} node{'s' * (r.dp.nodes > 1)}: FSDP2 trainer on the "
+                f"{r.describe_mesh()}, {r.num_groups} rollout groups of tp {r.tp} ranks, "
                 f"{config.task.queries_per_step // r.num_groups} queries each; this is rank {r.dp.rank} (group {r.group}); "
                 f"sharded checkpoints (torch.distributed.checkpoint)"
             )

@@ -153,8 +153,10 @@ STEP_KEYS: tuple[str, ...] = (
     "perf/cpu_memory_used_gb",
     "time/elapsed_s",
     "engine",
-    # the ranks (engine.ranks): world and tensor-parallel size, fastest and slowest rank's rollout and step time
-    *(f"dist/{k}" for k in ("world_size", "tp_size", "gen_s_min", "gen_s_max", "step_s_min", "step_s_max")),
+    # the ranks (engine.ranks): world and tensor-parallel size, the trainer mesh's replicate (nodes) and fsdp
+    # (shards per replica) dimensions, fastest and slowest rank's rollout and step time
+    *(f"dist/{k}" for k in ("world_size", "tp_size", "replicate_size", "fsdp_size")),
+    *(f"dist/{k}" for k in ("gen_s_min", "gen_s_max", "step_s_min", "step_s_max")),
 )
 
 # Keys with a data-dependent part, written only where it exists: memory/<phase>/<field> for every phase

@@ -105,6 +105,15 @@ def init_from_env() -> DataParallel:
     return DataParallel(rank=rank, world=world, local_rank=local, local_world=local_world)
 
 
+def mesh_shape(dp: DataParallel, replicate: int | None = None) -> dict[str, int]:
+    """The dimensions of the mesh `build_mesh` makes, by name: {"fsdp": world}, or with `replicate` > 1
+    {"replicate": replicate, "fsdp": world // replicate}; `replicate` defaults to one replica per node."""
+    replicate = dp.nodes if replicate is None else replicate
+    if dp.world % replicate:
+        raise ValueError(f"world size {dp.world} is not a multiple of replicate={replicate} (nodes)")
+    return {"fsdp": dp.world} if replicate == 1 else {"replicate": replicate, "fsdp": dp.world // replicate}
+
+
 def build_mesh(dp: DataParallel, replicate: int | None = None):
     """A 1-D mesh (`fsdp`) or, with `replicate` > 1, a 2-D HSDP mesh (`replicate`, `fsdp`). By default one
     replica per node (`dp.nodes`): parameters are sharded within a node and replicated across nodes, so the
@@ -112,12 +121,8 @@ def build_mesh(dp: DataParallel, replicate: int | None = None):
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    replicate = dp.nodes if replicate is None else replicate
-    if dp.world % replicate:
-        raise ValueError(f"world size {dp.world} is not a multiple of replicate={replicate} (nodes)")
-    if replicate == 1:
-        return init_device_mesh(device, (dp.world,), mesh_dim_names=("fsdp",))
-    return init_device_mesh(device, (replicate, dp.world // replicate), mesh_dim_names=("replicate", "fsdp"))
+    shape = mesh_shape(dp, replicate)
+    return init_device_mesh(device, tuple(shape.values()), mesh_dim_names=tuple(shape))
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -17,8 +17,9 @@ itself, so every rank of a group must make the same engine calls with the same p
   `*_calls`) are summed, `*_max`/`*/max` take the maximum, `*_min`/`*/min` the minimum, the rest is
   the mean over ranks; rollout-side keys (`rollout/`, `adv/`, `reward/`, `helper/`) are taken from one
   rank per rollout group (the TP ranks of a group report the same rollout); validation (`val/`) runs the
-  whole set on every rank, so rank 0's line is kept. `dist/*` records the
-  layout and the spread of the rollout (`gen`) and step time between the fastest and slowest rank.
+  whole set on every rank, so rank 0's line is kept. `dist/*` records the layout (world, tp, the
+  trainer mesh's replicate and fsdp sizes) and the spread of the rollout (`gen`) and step time
+  between the fastest and slowest rank.
 
 Simplifications: one rollout layout (tensor parallel within a group, data parallel across groups);
 no pipeline parallelism; the run directory must be shared by all ranks (one node, or a shared file
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.parallelize import SINGLE, DataParallel
+from engine.parallelize import SINGLE, DataParallel, mesh_shape
 from engine.preflight import UsageError
 
 # taken from one rank per rollout group; validation runs the whole set on every rank (rank 0's is kept)
@@ -68,6 +69,16 @@ class RankLayout:
     @property
     def tp_rank(self) -> int:
         return self.dp.rank % self.tp
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        """The trainer's FSDP2 mesh by dimension: {"fsdp": world} on one node, HSDP {"replicate", "fsdp"} across."""
+        return mesh_shape(self.dp)
+
+    def describe_mesh(self) -> str:
+        """E.g. "HSDP mesh replicate 2 x fsdp 4" or "FSDP mesh fsdp 8" (the run header's words)."""
+        dims = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        return f"{'HSDP' if 'replicate' in self.mesh else 'FSDP'} mesh {dims}"
 
     def queries(self, queries: Sequence[Any]) -> list[Any]:
         """This rollout group's contiguous slice of the step's queries."""
@@ -107,6 +118,8 @@ class RankLayout:
             {
                 "dist/world_size": self.dp.world,
                 "dist/tp_size": self.tp,
+                "dist/replicate_size": self.mesh.get("replicate", 1),
+                "dist/fsdp_size": self.mesh["fsdp"],
                 "dist/gen_s_min": min(gen),
                 "dist/gen_s_max": max(gen),
                 "dist/step_s_min": min(step),
@@ -169,6 +182,8 @@ def single_process_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "dist/world_size": 1,
         "dist/tp_size": 1,
+        "dist/replicate_size": 1,
+        "dist/fsdp_size": 1,
         "dist/gen_s_min": gen,
         "dist/gen_s_max": gen,
         "dist/step_s_min": step,

