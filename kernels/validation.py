@@ -1,6 +1,7 @@
 """Input checks shared by the loss ops (`token_logprobs`, `flow_grpo_loss`, the LM-head variant).
 
-Two kinds of checks, so that a call costs at most one device→host sync:
+Two kinds of checks, so that a call costs at most one device→host sync (and, once per process before the
+first interpreted launch, `check_interpreter`: a Triton interpreter this environment cannot run):
 
 * eager checks on metadata only (shapes, dtypes, devices, hyperparameters, `impl`), which never
   synchronise and raise before any kernel runs;
@@ -14,9 +15,13 @@ Two kinds of checks, so that a call costs at most one device→host sync:
 
 from __future__ import annotations
 
+import functools
 import math
+from importlib.metadata import version
 
 import torch
+import triton
+import triton.language as tl
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "torch")
@@ -125,6 +130,32 @@ def is_interpreted(kernel: object) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+@triton.jit
+def _loop_bound_probe(x_ptr, n):
+    bound = (x_ptr.to(tl.int64, bitcast=True) % 16) // 16 + n  # computed in the kernel, as the row loops' are
+    total = 0
+    for i in range(0, bound):
+        total += i
+    tl.store(x_ptr, total)
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Raise (one line) when this Triton's interpreter cannot run a loop whose bound is computed in the kernel,
+    as the row loops of these kernels are: Triton 3.6's interpreter turns the bound into a Python int with
+    int(array), which NumPy ≥ 2.4 refuses for a one-element array (Triton 3.9's squeezes it first)."""
+    x = torch.zeros(1, dtype=torch.int64)
+    try:
+        _loop_bound_probe[(1,)](x, 3)
+    except Exception as e:  # the interpreter wraps the TypeError in its own error type
+        raise RuntimeError(
+            f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy {version('numpy')} "
+            f"({e}); install numpy<2.4 or a Triton whose interpreter supports NumPy 2.4 (3.9 does)"
+        ) from e
+    if x.item() != 3:
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter ran a 3-step loop to {x.item()}, not 3")
+
+
 def resolve_impl(impl: str, device: torch.device, kernel: object) -> str:
     """`auto` → `triton` for CUDA tensors, `torch` otherwise; `triton` on CPU needs the interpreter."""
     if impl not in IMPLS:
@@ -137,6 +168,8 @@ def resolve_impl(impl: str, device: torch.device, kernel: object) -> str:
             "under the Triton interpreter: move the tensors to a CUDA device, or set TRITON_INTERPRET=1 in the "
             "environment before `kernels` is imported, or use impl='torch' (or 'auto')"
         )
+    if impl == "triton" and device.type != "cuda":
+        check_interpreter()
     return impl
 
 

@@ -257,6 +257,34 @@ def test_triton_on_cpu_without_interpreter_says_how_to_run_it():
     assert "CUDA device" in r.stdout and "TRITON_INTERPRET=1" in r.stdout
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the interpreter lane compiles the kernels")
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_in_one_line(monkeypatch):
+    """This environment's interpreter runs the loop-bound probe; one that fails it (Triton 3.6.0 with NumPy
+    2.4.6, torch 2.11.0: every interpreted kernel raised TypeError deep in the interpreter) is refused in one
+    line naming the fix, before any kernel runs."""
+    from kernels import validation
+
+    validation.check_interpreter.cache_clear()
+    validation.check_interpreter()
+
+    class FailingProbe:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+            return launch
+
+    monkeypatch.setattr(validation, "_loop_bound_probe", FailingProbe())
+    validation.check_interpreter.cache_clear()
+    logits, targets = make(8, 97, F32)
+    with pytest.raises(
+        RuntimeError, match=r"^the Triton \S+ interpreter cannot run these kernels with NumPy .*numpy<2\.4"
+    ):
+        token_logprobs(logits, targets, impl="triton")
+    validation.check_interpreter.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_gpu_compiled_kernels(dtype):
