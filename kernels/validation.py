@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from importlib.metadata import version
+import sys
 
 import torch
 import triton
@@ -148,8 +148,9 @@ def check_interpreter() -> None:
     try:
         _loop_bound_probe[(1,)](x, 3)
     except Exception as e:  # the interpreter wraps the TypeError in its own error type
+        numpy_version = getattr(sys.modules.get("numpy"), "__version__", "?")  # loaded by the interpreter
         raise RuntimeError(
-            f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy {version('numpy')} "
+            f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy {numpy_version} "
             f"({e}); install numpy<2.4 or a Triton whose interpreter supports NumPy 2.4 (3.9 does)"
         ) from e
     if x.item() != 3:
