@@ -424,9 +424,12 @@ def test_forward_flops_match_the_counted_matmuls():
     t = 37
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=torch.randint(0, cfg.vocab_size, (1, t)), use_cache=False)
-    counted = counter.get_total_flops()  # linear layers and LM head (SDPA is not counted on CPU)
+    counted = counter.get_total_flops()  # linear layers and LM head (SDPA is not counted on CPU) ...
+    # ... and, with transformers 5.17 (not 5.19), the rotary embedding's inv_freq @ positions matmul (2·8·37 = 592),
+    # which forward_flops leaves out
+    rotary = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("rotary_emb"))
     attention = 4 * cfg.head_dim * cfg.num_attention_heads * cfg.num_hidden_layers * t * (t + 1) / 2
-    assert forward_flops(cfg, [t], t) - attention == counted
+    assert forward_flops(cfg, [t], t) - attention == counted - rotary
     assert flops_per_token(cfg) == 6 * body_params(cfg)
 
 
