@@ -163,17 +163,19 @@ def main(args: argparse.Namespace) -> int:
             rc = _run(cfg, args, dp)
     finally:
         _leave_process_group()
-    # A finished rank skips interpreter finalization: the process groups FSDP's meshes still reference are
-    # otherwise torn down there, and gloo's worker threads then abort the process now and then ("terminate
-    # called without an active exception", SIGABRT after "done"; pytorch/pytorch#179291 discusses it).
+    # A finished rank skips interpreter finalization. destroy_process_group does not stop gloo's threads (its
+    # backend has no shutdown): a group lives until its last reference goes, and each DeviceMesh holds its
+    # groups while DTensor's caches (one of them per thread, in C++) hold the meshes; vLLM leaves its groups to
+    # the exit. They are then freed during finalization, where gloo's threads aborted the process now and then
+    # ("terminate called without an active exception", SIGABRT after "done"; pytorch/pytorch#179291, abandoned).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group, unless a vLLM engine joined it: vLLM's exit handler then destroys its own
-    subgroups and the group itself (destroying it first makes that handler fail)."""
+    """Destroy the process group, unless a vLLM engine joined it (vLLM's groups stay registered until the
+    process exits; destroying the world group under them makes vLLM's own teardown calls fail)."""
     import torch.distributed as dist
 
     state = sys.modules.get("vllm.distributed.parallel_state")
