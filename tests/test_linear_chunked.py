@@ -17,9 +17,10 @@ import importlib
 
 import pytest
 import torch
-from gold import AGGS, CONFIGS, KLS, METRICS, config_id, gold_linear, gold_logprobs, gold_loss, loss_args
+from gold import AGGS, CONFIGS, KLS, METRICS, config_id, gold_linear, gold_loss, loss_args
 from gold import make_linear_inputs as make_inputs
 from test_linear_flow_grpo_loss import split
+from test_linear_token_logprobs import check as check_logprobs_against_gold
 
 from kernels import LossConfig, linear_flow_grpo_loss, linear_token_logprobs
 from kernels.testing import assert_close
@@ -182,28 +183,8 @@ def test_loss_without_grad_and_same_as_fused(impl, chunk_of):
         assert_close(a.metrics[key], b.metrics[key], dtype=F32, name=key)
 
 
-def check_logprobs(impl, n, d, v, dtype, *, temperature=0.8, return_entropy=True, with_bias=True, seed=0):
-    inp = make_inputs(n, d, v, dtype, seed, temperature, with_bias=with_bias)
-    hidden, weight, bias, targets = inp["hidden"], inp["weight"], inp["bias"], inp["targets"]
-    g = torch.Generator().manual_seed(seed + 1)
-    grad_logp = torch.randn(n, generator=g)
-    grad_ent = torch.randn(n, generator=g) if return_entropy else None
-    leaves = [None if x is None else x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    out = linear_token_logprobs(
-        leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature, return_entropy=return_entropy,
-        impl=impl, algorithm="chunked",
-    )  # fmt: skip
-    logp, ent = out if return_entropy else (out, None)
-    obj = (grad_logp * logp).sum() + ((grad_ent * ent).sum() if return_entropy else 0.0)
-    obj.backward()
-    g_logp, g_ent, g_grads = gold_linear(gold_logprobs, hidden, weight, bias, targets, temperature, grad_logp, grad_ent)
-    assert_close(logp, g_logp, dtype=F32, name="logp")
-    if return_entropy:
-        assert_close(ent, g_ent, dtype=F32, name="entropy")
-    for name, leaf, gold in zip(("d hidden", "d weight", "d bias"), leaves, g_grads):
-        if leaf is not None:
-            assert leaf.grad.dtype == dtype and leaf.grad.shape == leaf.shape
-            assert_close(leaf.grad, gold, dtype=dtype, name=name, scale=max(gold.abs().max().item(), 1e-6))
+def check_logprobs(impl, n, d, v, dtype, **kw):
+    check_logprobs_against_gold(impl, n, d, v, dtype, algorithm="chunked", **kw)
 
 
 @DTYPES

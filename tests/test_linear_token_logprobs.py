@@ -43,7 +43,21 @@ def _fused_algorithm(monkeypatch):
     monkeypatch.setitem(linear_chunked.DEFAULT_ALGORITHM, "cpu", "fused")
 
 
-def check(impl, n, d, v, dtype, *, temperature=0.8, return_entropy=True, with_bias=True, seed=0, device="cpu"):
+def check(
+    impl,
+    n,
+    d,
+    v,
+    dtype,
+    *,
+    temperature=0.8,
+    return_entropy=True,
+    with_bias=True,
+    seed=0,
+    device="cpu",
+    algorithm="auto",
+):
+    """linear_token_logprobs (values and the three gradients) against the float64 gold."""
     inp = make_linear_inputs(n, d, v, dtype, seed, temperature, device, with_bias)
     hidden, weight, bias, targets = inp["hidden"], inp["weight"], inp["bias"], inp["targets"]
     g = torch.Generator().manual_seed(seed + 1)
@@ -52,7 +66,7 @@ def check(impl, n, d, v, dtype, *, temperature=0.8, return_entropy=True, with_bi
     leaves = [None if x is None else x.clone().requires_grad_() for x in (hidden, weight, bias)]
     h, w, b = leaves
     out = linear_token_logprobs(
-        h, w, targets, bias=b, temperature=temperature, return_entropy=return_entropy, impl=impl
+        h, w, targets, bias=b, temperature=temperature, return_entropy=return_entropy, impl=impl, algorithm=algorithm
     )
     logp, ent = out if return_entropy else (out, None)
     assert logp.dtype == torch.float32 and logp.shape == (n,)
